@@ -1,0 +1,67 @@
+"""Activation normalisation (Glow, Kingma & Dhariwal 2018, arXiv:1807.03039, section 3.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from nfcv.flows.base import Bijector
+
+# Channels whose first-batch standard deviation falls below this keep scale 1: dividing by a
+# near-zero std would make the layer blow the channel up by ~1e6 and its log-det by ~14 nats/pixel.
+MIN_INIT_STD = 1e-6
+
+
+class ActNorm(Bijector):
+    """Per-channel affine map ``z = (x + loc) * exp(log_scale)``.
+
+    `loc` and `log_scale` are initialised from the first batch seen in training mode so that each
+    channel has mean 0 and standard deviation 1 there (data-dependent init). The `initialized`
+    flag is a buffer, so a model rebuilt from a checkpoint never initialises again. Before
+    initialisation (for example Lightning's sanity-check validation, run in eval mode) the layer is
+    the identity. Under `torch.distributed` the statistics are all-reduced over the global batch.
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.num_channels = num_channels
+        self.loc = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        xd = x.detach().double().transpose(0, 1).reshape(self.num_channels, -1)
+        stats = torch.stack(
+            [xd.sum(1), (xd * xd).sum(1), xd.new_full((self.num_channels,), xd.shape[1])]
+        )
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+        total, total_sq, count = stats
+        mean = total / count
+        var = (total_sq / count - mean * mean).clamp_min(0.0)
+        std = var.sqrt()
+        log_scale = torch.where(std > MIN_INIT_STD, -torch.log(std), torch.zeros_like(std))
+        self.loc.copy_((-mean).view_as(self.loc))
+        self.log_scale.copy_(log_scale.view_as(self.log_scale))
+        self.initialized.fill_(True)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        hw = x.shape[2] * x.shape[3]
+        return (hw * self.log_scale.sum()).expand(x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self.initialize(x)
+        return (x + self.loc) * torch.exp(self.log_scale), self._logdet(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z * torch.exp(-self.log_scale) - self.loc, -self._logdet(z)
+
+    def output_shape(self, shape):
+        if len(shape) != 3 or shape[0] != self.num_channels:
+            raise ValueError(
+                f"ActNorm({self.num_channels}) expects (C={self.num_channels}, H, W), got {tuple(shape)}"
+            )
+        return tuple(shape)

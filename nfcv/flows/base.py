@@ -1,0 +1,94 @@
+"""The bijector interface every flow layer implements, and the containers that compose them.
+
+A `Bijector` maps ``x -> z`` in `forward` and ``z -> x`` in `inverse`; both return the output and
+the log-absolute-determinant of *their own* Jacobian, one value per sample. Containers sum the
+log-dets; layers never see a running total (nflows' convention, arXiv:1906.04032 code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+Shape = tuple[int, ...]
+
+
+class Bijector(nn.Module):
+    """An invertible map with a tractable log-determinant.
+
+    Subclasses implement `forward` and `inverse`. `output_shape` maps a per-sample input shape to
+    the per-sample output shape and raises `ValueError` when the layer cannot take that shape, so
+    a model is checked once when it is built rather than at its first batch.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return tuple(shape)
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: per-sample log-densities and log-dets."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def zero_logdet(x: Tensor) -> Tensor:
+    return x.new_zeros(x.shape[0])
+
+
+class Sequential(Bijector):
+    """Composition ``f_n o ... o f_1``; log-dets add (chain rule)."""
+
+    def __init__(self, layers: Iterable[Bijector]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = zero_logdet(x)
+        for layer in self.layers:
+            x, logdet = layer(x)
+            total = total + logdet
+        return x, total
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        total = zero_logdet(z)
+        for layer in reversed(self.layers):
+            z, logdet = layer.inverse(z)
+            total = total + logdet
+        return z, total
+
+    def output_shape(self, shape: Shape) -> Shape:
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> Bijector:
+        return self.layers[i]
+
+
+class Flatten(Bijector):
+    """Reshape ``(B, *shape)`` to ``(B, D)``; volume-preserving."""
+
+    def __init__(self, shape: Shape):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x.reshape(x.shape[0], -1), zero_logdet(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z.reshape(z.shape[0], *self.shape), zero_logdet(z)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        if tuple(shape) != self.shape:
+            raise ValueError(f"Flatten expects inputs of shape {self.shape}, got {tuple(shape)}")
+        return (int(torch.tensor(shape).prod()),)

@@ -1,0 +1,124 @@
+"""Invertible 1x1 convolutions (Glow, Kingma & Dhariwal 2018, arXiv:1807.03039, section 3.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nfcv.flows.base import Bijector
+
+
+def _random_rotation(n: int, generator: torch.Generator | None = None) -> Tensor:
+    """A random orthogonal matrix (log|det| = 0): Glow's initialisation."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    return q
+
+
+class _Conv1x1Base(Bijector):
+    def __init__(self, num_channels: int):
+        super().__init__()
+        self.num_channels = num_channels
+        self._inv_cache: tuple[tuple, Tensor] | None = None
+
+    def weight(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _weight_inverse64(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def log_abs_det(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse_weight(self, dtype: torch.dtype) -> Tensor:
+        """W^-1, computed in float64; cached while no parameter changes (sampling in eval mode)."""
+        key = (tuple(p._version for p in self.parameters()), dtype, self.training)
+        if (
+            not torch.is_grad_enabled()
+            and self._inv_cache is not None
+            and self._inv_cache[0] == key
+        ):
+            return self._inv_cache[1]
+        w_inv = self._weight_inverse64().to(dtype)
+        if not torch.is_grad_enabled():
+            self._inv_cache = (key, w_inv)
+        return w_inv
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.num_channels
+        z = F.conv2d(x, self.weight().to(x.dtype).view(c, c, 1, 1))
+        logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
+        return z, logdet.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c = self.num_channels
+        x = F.conv2d(z, self.inverse_weight(z.dtype).view(c, c, 1, 1))
+        logdet = -(z.shape[2] * z.shape[3]) * self.log_abs_det().to(z.dtype)
+        return x, logdet.expand(z.shape[0])
+
+    def output_shape(self, shape):
+        if len(shape) != 3 or shape[0] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_channels}) expects (C={self.num_channels}, H, W), "
+                f"got {tuple(shape)}"
+            )
+        return tuple(shape)
+
+
+class InvConv1x1(_Conv1x1Base):
+    """Plain invertible 1x1 convolution: a learned C x C matrix, log|det W| by float64 slogdet."""
+
+    def __init__(self, num_channels: int):
+        super().__init__(num_channels)
+        self.w = nn.Parameter(_random_rotation(num_channels).float())
+
+    def weight(self) -> Tensor:
+        return self.w
+
+    def _weight_inverse64(self) -> Tensor:
+        return torch.linalg.inv(self.w.double())
+
+    def log_abs_det(self) -> Tensor:
+        return torch.linalg.slogdet(self.w.double())[1]
+
+
+class InvConv1x1LU(_Conv1x1Base):
+    """LU-parameterised 1x1 convolution, ``W = P L (U + diag(sign(s) * exp(log|s|)))``.
+
+    P and sign(s) are fixed buffers taken from the LU factorisation of a random rotation; L (unit
+    lower), U (strictly upper) and log|s| are learned, so log|det W| = sum(log|s|) costs O(C) and
+    W stays invertible by construction.
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__(num_channels)
+        p, lower, upper = torch.linalg.lu(_random_rotation(num_channels))
+        s = torch.diagonal(upper)
+        self.register_buffer("perm", p.float())
+        self.register_buffer("sign_s", torch.sign(s).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
+        self.register_buffer("eye", torch.eye(num_channels))
+        self.lower = nn.Parameter(lower.float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
+
+    def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        lower = self.lower.to(dtype) * self.lower_mask.to(dtype) + self.eye.to(dtype)
+        upper = self.upper.to(dtype) * self.lower_mask.T.to(dtype) + torch.diag(
+            self.sign_s.to(dtype) * torch.exp(self.log_s.to(dtype))
+        )
+        return self.perm.to(dtype), lower, upper
+
+    def weight(self) -> Tensor:
+        p, lower, upper = self._factors(self.lower.dtype)
+        return p @ lower @ upper
+
+    def _weight_inverse64(self) -> Tensor:
+        p, lower, upper = self._factors(torch.float64)
+        eye = torch.eye(self.num_channels, dtype=torch.float64, device=p.device)
+        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        upper_inv = torch.linalg.solve_triangular(upper, eye, upper=True)
+        return upper_inv @ lower_inv @ p.T
+
+    def log_abs_det(self) -> Tensor:
+        return self.log_s.sum()

@@ -1,0 +1,189 @@
+"""Every layer: shapes, exact inverse, and log-det against the brute-force autograd Jacobian."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from nfcv.flows import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Flatten,
+    GlowNet,
+    InvConv1x1,
+    InvConv1x1LU,
+    LearnedPrior,
+    MultiScale,
+    Sequential,
+    Shift,
+    SplitPrior,
+    Squeeze,
+)
+
+NET = functools.partial(GlowNet, hidden_channels=6)
+
+
+def _perturb(layer: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
+    """Move every parameter off its (often identity) initial value so the checks mean something."""
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return layer
+
+
+def _actnorm(c):
+    layer = ActNorm(c)
+    layer.initialize(torch.randn(8, c, 4, 4) * 3 + 1)
+    return _perturb(layer, 0.1)
+
+
+def _glow_step(c):
+    return Sequential([_actnorm(c), InvConv1x1LU(c), AffineCoupling(c, NET)])
+
+
+def _multiscale(c):
+    return MultiScale(
+        (c, 4, 4),
+        num_levels=2,
+        steps_per_level=1,
+        step=[ActNorm, InvConv1x1LU, functools.partial(AffineCoupling, net=NET)],
+    )
+
+
+# name -> (factory(num_channels) -> layer, input shape)
+LAYERS = {
+    "actnorm": (_actnorm, (3, 4, 4)),
+    "conv1x1": (lambda c: _perturb(InvConv1x1(c)), (4, 3, 3)),
+    "conv1x1_lu": (lambda c: _perturb(InvConv1x1LU(c)), (4, 3, 3)),
+    "affine_coupling": (lambda c: _perturb(AffineCoupling(c, NET)), (4, 3, 3)),
+    "affine_coupling_odd": (lambda c: _perturb(AffineCoupling(c, NET)), (3, 3, 3)),
+    "additive_coupling": (lambda c: _perturb(AdditiveCoupling(c, NET)), (4, 3, 3)),
+    "squeeze": (lambda c: Squeeze(), (2, 4, 4)),
+    "split_prior": (lambda c: _perturb(SplitPrior(c)), (4, 3, 3)),
+    "learned_prior": (lambda c: _perturb(LearnedPrior(c)), (4, 3, 3)),
+    "shift": (lambda c: Shift(-0.5), (2, 3, 3)),
+    "glow_step": (lambda c: _perturb(_glow_step(c), 0.05), (4, 2, 2)),
+    "multiscale": (lambda c: _perturb(_multiscale(c), 0.05), (1, 4, 4)),
+    "flatten": (lambda c: Flatten((2, 3, 3)), (2, 3, 3)),
+}
+
+
+def _build(name: str, dtype: torch.dtype):
+    factory, shape = LAYERS[name]
+    layer = factory(shape[0]).to(dtype).eval()
+    return layer, shape
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_shape_and_inverse_float64(name):
+    layer, shape = _build(name, torch.float64)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    z, logdet = layer(x)
+    assert tuple(z.shape[1:]) == layer.output_shape(shape)
+    assert logdet.shape == (3,)
+    x_rec, inv_logdet = layer.inverse(z)
+    torch.testing.assert_close(x_rec, x, atol=1e-10, rtol=0)
+    torch.testing.assert_close(inv_logdet, -logdet, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_inverse_float32(name):
+    layer, shape = _build(name, torch.float32)
+    x = torch.randn(3, *shape)
+    z, _ = layer(x)
+    x_rec, _ = layer.inverse(z)
+    torch.testing.assert_close(x_rec, x, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_logdet_matches_brute_force_jacobian(name):
+    layer, shape = _build(name, torch.float64)
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    _, logdet = layer(x)
+    for i in range(2):
+        jac = torch.autograd.functional.jacobian(
+            lambda v: layer(v.view(1, *shape))[0].reshape(-1), x[i].reshape(-1)
+        )
+        assert jac.shape[0] == jac.shape[1], "a bijection keeps the dimension"
+        sign, expected = torch.linalg.slogdet(jac)
+        assert sign != 0
+        torch.testing.assert_close(logdet[i], expected, atol=1e-8, rtol=1e-8)
+
+
+def test_squeeze_layout_is_glows():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    z, _ = Squeeze()(x)
+    # Channel 2i + j holds pixel (2h + i, 2w + j).
+    assert z[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    assert z[0, :, 1, 1].tolist() == [10.0, 11.0, 14.0, 15.0]
+
+
+def test_lu_conv_keeps_permutation_and_signs_fixed():
+    layer = InvConv1x1LU(5)
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"lower", "upper", "log_s"}
+    assert {"perm", "sign_s"} <= {n for n, _ in layer.named_buffers()}
+    w = layer.weight().double()
+    torch.testing.assert_close(torch.linalg.slogdet(w)[1], layer.log_abs_det().double())
+
+
+def test_couplings_start_as_identity():
+    for cls in (AffineCoupling, AdditiveCoupling):
+        layer = cls(4, NET)
+        x = torch.randn(2, 4, 3, 3)
+        z, logdet = layer(x)
+        # Glow's scale is sigmoid(0 + 2) at init: the transformed half is only scaled.
+        if cls is AffineCoupling:
+            s = torch.sigmoid(torch.tensor(2.0))
+            torch.testing.assert_close(z[:, 2:], x[:, 2:] * s)
+        else:
+            torch.testing.assert_close(z, x)
+        torch.testing.assert_close(z[:, :2], x[:, :2])
+
+
+def test_affine_coupling_stays_finite_for_extreme_net_outputs():
+    layer = AffineCoupling(4, NET)
+    with torch.no_grad():
+        layer.net.net[-1].conv.bias.fill_(1e4)
+    z, logdet = layer(torch.randn(2, 4, 3, 3))
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+    with torch.no_grad():
+        layer.net.net[-1].conv.bias.fill_(-1e4)
+    z, logdet = layer(torch.randn(2, 4, 3, 3))
+    assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+
+
+def test_shapes_are_checked_at_build_time():
+    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*2\*\*levels = 8"):
+        _multiscale_levels((1, 12, 12), 3)
+    with pytest.raises(ValueError, match="expects"):
+        Sequential([ActNorm(3)]).output_shape((4, 2, 2))
+
+
+def _multiscale_levels(shape, levels):
+    return MultiScale(shape, num_levels=levels, steps_per_level=1, step=[ActNorm])
+
+
+def test_multiscale_latent_order_first_factored_level_first():
+    flow = MultiScale(
+        (1, 8, 8), num_levels=3, steps_per_level=0, step=[], split_prior=None, top_prior=None
+    )
+    assert flow.factored_shapes == [(2, 4, 4), (4, 2, 2), (16, 1, 1)]
+    x = torch.randn(2, 1, 8, 8)
+    eps, _ = flow(x)
+    sq1, _ = Squeeze()(x)
+    torch.testing.assert_close(eps[:, :32], sq1[:, 2:].reshape(2, -1))
+
+
+def test_inverse_weight_cache_follows_parameter_updates():
+    layer = InvConv1x1LU(3).eval()
+    z = torch.randn(1, 3, 2, 2)
+    with torch.no_grad():
+        layer.inverse(z)
+        layer.log_s.add_(0.5)  # an in-place update, as an optimizer makes
+        x, _ = layer.inverse(z)
+        z2, _ = layer(x)
+    torch.testing.assert_close(z2, z, atol=1e-5, rtol=0)
