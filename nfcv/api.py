@@ -1,0 +1,119 @@
+"""The public entry points: `compose`, `build_model`, `load`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nfcv.errors import CheckpointError, ConfigError
+from nfcv.model import ImageFlow
+
+CONFIG_MODULE = "nfcv.configs"
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose a config from the packaged tree, as the command-line tools do.
+
+    ``nfcv.compose(["model=glow", "data=digits", "model.steps=4"])``.
+    """
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+
+
+def _root_message(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
+    """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(dict(cfg))
+    model_cfg = cfg.model
+    name = model_cfg.get("name", "model")
+    try:
+        flow = instantiate(model_cfg.flow)
+        preprocess = instantiate(model_cfg.preprocess) if model_cfg.get("preprocess") else None
+        dequantizer = instantiate(cfg.dequant) if cfg.get("dequant") else None
+        return ImageFlow(
+            flow,
+            image_shape=tuple(model_cfg.image_shape),
+            num_bins=int(model_cfg.num_bins),
+            dequantizer=dequantizer,
+            preprocess=preprocess,
+        )
+    except (InstantiationException, ValueError) as err:
+        raise ConfigError(f"cannot build model '{name}': {_root_message(err)}") from err
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.is_dir():
+            hint = (
+                f"; it is a folder: pass a file in it, e.g. {path / 'checkpoints' / 'last.ckpt'}"
+            )
+        raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers "
+            f"(weights_only=True rejected it: {str(err).splitlines()[0]}). Only load checkpoints "
+            "written by nfcv from sources you trust"
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "cfg" not in hparams:
+        raise CheckpointError(
+            f"{path} is not an nfcv checkpoint: it carries no resolved config (hyper_parameters.cfg)"
+        )
+    return ckpt
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageFlow:
+    """Rebuild a trained `ImageFlow` from a checkpoint alone, in eval mode.
+
+    The returned model has a ``config`` attribute holding the resolved train config.
+    """
+    ckpt = read_checkpoint(path)
+    cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    model = build_model(cfg)
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {path} do not match the model its config describes: {err}"
+        ) from err
+    model.config = cfg
+    return model.to(map_location).eval()

@@ -1,0 +1,154 @@
+"""`ImageFlow`: one bijection from [0, 1]^D onto a standard normal latent, plus dequantization."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from nfcv.dequant import Dequantizer, UniformDequantization
+from nfcv.errors import DataRangeError
+from nfcv.flows.base import Bijector
+
+LOG_2PI = math.log(2 * math.pi)
+# Importance samples evaluated in one pass of bits_per_dim(k > 1): bounds memory for large k.
+MAX_IMAGES_PER_PASS = 1024
+
+
+def standard_normal_log_prob(eps: Tensor) -> Tensor:
+    """log N(eps; 0, I) summed per sample, eps of shape (B, D)."""
+    return -0.5 * (eps.pow(2).sum(dim=1) + eps.shape[1] * LOG_2PI)
+
+
+class ImageFlow(nn.Module):
+    """A normalizing flow over images ``x in [0, 1]^(C, H, W)`` with base N(0, I).
+
+    `preprocess` (e.g. Glow's shift to [-0.5, 0.5]) and `flow` (e.g. a `MultiScale`) are
+    bijections whose log-dets enter the density; `flow` must output ``(B, D)``.
+    """
+
+    def __init__(
+        self,
+        flow: Bijector,
+        image_shape: Sequence[int],
+        num_bins: int,
+        dequantizer: Dequantizer | None = None,
+        preprocess: Bijector | None = None,
+    ):
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if int(num_bins) < 2:
+            raise ValueError(f"num_bins must be at least 2, got {num_bins}")
+        self.num_bins = int(num_bins)
+        self.dim = math.prod(self.image_shape)
+        # An empty buffer that moves with the model: its device and dtype are the model's, even
+        # for a flow without parameters.
+        self.register_buffer("_probe", torch.zeros(0), persistent=False)
+        self.preprocess = preprocess
+        self.flow = flow
+        self.dequantizer = dequantizer if dequantizer is not None else UniformDequantization()
+        shape = self.image_shape
+        if preprocess is not None:
+            shape = preprocess.output_shape(shape)
+        out = flow.output_shape(shape)
+        if tuple(out) != (self.dim,):
+            raise ValueError(
+                f"the flow maps images of shape {self.image_shape} to latents of shape {tuple(out)}; "
+                f"ImageFlow needs a flat latent of shape ({self.dim},)"
+            )
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the model lives and its float dtype (follows `.to()`, `.double()`, ...)."""
+        return self._probe.device, self._probe.dtype
+
+    def _check_images(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images in [0, 1] -> (eps of shape (B, D), log|det d eps / dx| of shape (B,))."""
+        self._check_images(x)
+        logdet = x.new_zeros(x.shape[0])
+        if self.preprocess is not None:
+            x, ld = self.preprocess(x)
+            logdet = logdet + ld
+        eps, ld = self.flow(x)
+        return eps, logdet + ld
+
+    def inverse(self, eps: Tensor) -> Tensor:
+        """Exact inverse of `transform`: (B, D) latents -> (B, C, H, W) images."""
+        if eps.dim() != 2 or eps.shape[1] != self.dim:
+            raise ValueError(f"expected latents of shape (B, {self.dim}), got {tuple(eps.shape)}")
+        x, _ = self.flow.inverse(eps)
+        if self.preprocess is not None:
+            x, _ = self.preprocess.inverse(x)
+        return x
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Continuous log-density of images in [0, 1]^D, in nats, shape (B,)."""
+        eps, logdet = self.transform(x)
+        return standard_normal_log_prob(eps) + logdet
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """n images in [0, 1]: ``inverse(temperature * randn)``, clamped to the image range."""
+        device, dtype = self._device_dtype()
+        eps = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
+        return self.inverse(temperature * eps).clamp(0.0, 1.0)
+
+    def check_range(self, x_int: Tensor) -> None:
+        """Raise `DataRangeError` unless every value is an integer in [0, num_bins - 1]."""
+        lo, hi = x_int.min().item(), x_int.max().item()
+        if lo < 0 or hi > self.num_bins - 1:
+            raise DataRangeError(
+                f"pixel values must be integers in [0, {self.num_bins - 1}] for num_bins="
+                f"{self.num_bins}, got values in [{lo:g}, {hi:g}]; pass integer images (not "
+                "images scaled to [0, 1]) and set data.num_bins (or data.num_bits) to match the data"
+            )
+        if x_int.is_floating_point() and not torch.equal(x_int, torch.round(x_int)):
+            raise DataRangeError(
+                "pixel values must be integers (integer-valued tensors); got fractional values. "
+                "Pass the quantised image, not a dequantised or normalised one"
+            )
+
+    def log_weights(self, x_int: Tensor) -> Tensor:
+        """One importance weight per image: ``log p(y) - log q(u|x) - D log(num_bins)``, nats.
+
+        A lower bound on log P(x) for the discrete image x (one dequantization sample).
+        """
+        y, log_q = self.dequantizer(x_int.to(self._device_dtype()[1]), self.num_bins)
+        return self.log_prob(y) - log_q - self.dim * math.log(self.num_bins)
+
+    def bits_per_dim(self, x_int: Tensor, k: int = 1) -> Tensor:
+        """Discrete bits per dim of integer images, shape (B,), with k dequantization samples.
+
+        ``k > 1`` gives the importance-weighted bound ``logsumexp_k(log w_k) - log k``.
+        """
+        self._check_images(x_int)
+        self.check_range(x_int)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if k == 1:
+            log_px = self.log_weights(x_int)
+        else:
+            b = x_int.shape[0]
+            per_pass = max(1, MAX_IMAGES_PER_PASS // b)
+            chunks = []
+            for start in range(0, k, per_pass):
+                m = min(per_pass, k - start)
+                w = self.log_weights(x_int.repeat(m, 1, 1, 1))
+                chunks.append(w.view(m, b))
+            log_px = torch.logsumexp(torch.cat(chunks, 0), dim=0) - math.log(k)
+        return -log_px / (self.dim * math.log(2))
