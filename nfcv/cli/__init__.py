@@ -1,0 +1,1 @@
+"""Command-line entry points: nfcv-train, nfcv-sample, nfcv-eval."""
