@@ -2,11 +2,12 @@
 
 from omegaconf import OmegaConf
 
+__version__ = "0.1.0"
+
 # Used by data configs: num_bins: ${pow2:${.num_bits}}.
 OmegaConf.register_new_resolver("pow2", lambda bits: 2 ** int(bits), replace=True)
 
 from nfcv.api import build_model, compose, load  # noqa: E402
 from nfcv.model import ImageFlow  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["ImageFlow", "__version__", "build_model", "compose", "load"]

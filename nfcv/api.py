@@ -16,11 +16,16 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from nfcv.errors import CheckpointError, ConfigError
+from nfcv.flows.base import Bijector
 from nfcv.model import ImageFlow
 
 CONFIG_MODULE = "nfcv.configs"
+# A checkpoint's config is instantiated when it is loaded, so its `_target_`s must name nfcv's
+# own classes or the optimizers and trainer: anything else could run arbitrary code.
+SAFE_TARGET_PREFIXES = ("nfcv.", "torch.optim.", "lightning.")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
@@ -45,6 +50,35 @@ def _root_message(err: BaseException) -> str:
     return str(err)
 
 
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The config, interpolations resolved, as plain containers (what checkpoints keep)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"the config does not resolve: {str(err).splitlines()[0]}. Check the spelling of the "
+            "overridden values (e.g. model.coupling and model.conv1x1 take the names listed under "
+            "model.choices)"
+        ) from err
+
+
+def check_targets(node: Any, source: str, where: str = "") -> None:
+    """Refuse `_target_`s outside `SAFE_TARGET_PREFIXES` anywhere in a plain config."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
+            raise CheckpointError(
+                f"refusing to load {source}: its config asks to build {target!r} at "
+                f"{where or '<root>'}; checkpoints may only name nfcv classes, torch optimizers "
+                "and the Lightning trainer"
+            )
+        for key, value in node.items():
+            check_targets(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, source, f"{where}[{i}]")
+
+
 def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
     """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups)."""
     if not isinstance(cfg, DictConfig):
@@ -55,6 +89,12 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
         flow = instantiate(model_cfg.flow)
         preprocess = instantiate(model_cfg.preprocess) if model_cfg.get("preprocess") else None
         dequantizer = instantiate(cfg.dequant) if cfg.get("dequant") else None
+        for key, obj in (("model.flow", flow), ("model.preprocess", preprocess)):
+            if obj is not None and not isinstance(obj, Bijector):
+                raise ConfigError(
+                    f"{key} must build an nfcv Bijector, got {type(obj).__name__}: check its "
+                    "_target_"
+                )
         return ImageFlow(
             flow,
             image_shape=tuple(model_cfg.image_shape),
@@ -62,7 +102,9 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
             dequantizer=dequantizer,
             preprocess=preprocess,
         )
-    except (InstantiationException, ValueError) as err:
+    except ConfigError:
+        raise
+    except (InstantiationException, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot build model '{name}': {_root_message(err)}") from err
 
 
@@ -76,6 +118,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"; it is a folder: pass a file in it, e.g. {path / 'checkpoints' / 'last.ckpt'}"
             )
         raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
+            "(not a zip archive)"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -84,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"(weights_only=True rejected it: {str(err).splitlines()[0]}). Only load checkpoints "
             "written by nfcv from sources you trust"
         ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except Exception as err:  # torch raises many types for damaged archives
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
@@ -94,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     hparams = ckpt.get("hyper_parameters") or {}
     if "cfg" not in hparams:
         raise CheckpointError(
-            f"{path} is not an nfcv checkpoint: it carries no resolved config (hyper_parameters.cfg)"
+            f"{path} is not an nfcv checkpoint: it has no resolved config (hyper_parameters.cfg)"
         )
     return ckpt
 
@@ -105,6 +152,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> I
     The returned model has a ``config`` attribute holding the resolved train config.
     """
     ckpt = read_checkpoint(path)
+    check_targets(ckpt["hyper_parameters"]["cfg"], str(path))
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
     model = build_model(cfg)
     prefix = "model."

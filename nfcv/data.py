@@ -21,7 +21,7 @@ from nfcv.errors import DataError
 
 
 class ImageTensorDataset(Dataset):
-    """Integer images (N, C, H, W, uint8) held in memory, with labels; optional horizontal flips."""
+    """uint8 images (N, C, H, W) held in memory, with labels; optional horizontal flips."""
 
     def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False):
         self.images = images
@@ -254,10 +254,12 @@ class _MNISTLike(_TorchvisionModule):
                 root = self._stage(flat)
         try:
             ds = self.tv_class(str(root), train=train, download=self.download)
-        except RuntimeError as err:
-            raise self._missing(
-                err, f"{layout}/train-images-idx3-ubyte and the other IDX files, or the original .gz files in {self.root}"
-            ) from err
+        except (RuntimeError, OSError) as err:  # OSError: a download without internet
+            expected = (
+                f"{layout}/train-images-idx3-ubyte and the other IDX files, "
+                f"or the original .gz files in {self.root}"
+            )
+            raise self._missing(err, expected) from err
         images = _reduce_bits(ds.data.unsqueeze(1).to(torch.uint8), self.num_bits)
         return images, ds.targets.to(torch.int64)
 
@@ -319,7 +321,7 @@ class CIFAR10DataModule(_TorchvisionModule):
 
         try:
             ds = _CIFAR10(str(self.root), train=train, download=self.download)
-        except RuntimeError as err:
+        except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as err:
             raise self._missing(
                 err, f"{self.root}/cifar-10-batches-py/data_batch_1..5, test_batch"
             ) from err

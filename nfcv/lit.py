@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import grad_norm
 from omegaconf import OmegaConf
 
+from nfcv import __version__
 from nfcv.api import build_model
+from nfcv.errors import ConfigError
 
 
-def linear_warmup(warmup_steps: int):
-    """LR factor ramping linearly from 1/warmup_steps to 1 over the first `warmup_steps` steps."""
+def lr_factor(warmup_steps: int, decay: str = "none", total_steps: int = 0):
+    """LR multiplier at each optimizer step: a linear ramp from 1/warmup_steps to 1 over the first
+    `warmup_steps` steps, then constant (`decay="none"`) or a cosine to 0 at `total_steps`."""
+    if decay not in ("none", "cosine"):
+        raise ConfigError(f"optim.decay must be none or cosine, got {decay!r}")
 
     def factor(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "cosine":
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
 
     return factor
 
@@ -31,16 +41,20 @@ class FlowModule(L.LightningModule):
 
     def __init__(self, cfg: dict[str, Any], data_info: dict[str, Any] | None = None):
         super().__init__()
-        self.save_hyperparameters({"cfg": cfg, "data_info": data_info or {}})
+        self.save_hyperparameters(
+            {"cfg": cfg, "data_info": data_info or {}, "nfcv_version": __version__}
+        )
         self.cfg = OmegaConf.create(cfg)
         self.model = build_model(self.cfg)
 
-    def _bpd(self, batch) -> torch.Tensor:
+    def _bpd(self, batch, check: bool = True) -> torch.Tensor:
         x, _ = batch
-        return self.model.bits_per_dim(x)
+        return self.model.bits_per_dim(x, check=check)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._bpd(batch).mean()
+        # The data module validated every pixel at setup; re-check the first batch only (the range
+        # check costs a device sync per step).
+        loss = self._bpd(batch, check=self.global_step == 0).mean()
         self.log("train/bpd", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 
@@ -54,16 +68,21 @@ class FlowModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Logged before clipping (Lightning clips after this hook): the norm the clip acts on.
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if self.global_step % max(1, self.trainer.log_every_n_steps):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def configure_optimizers(self):
         optim_cfg = self.cfg.optim
         optimizer = instantiate(optim_cfg.optimizer)(self.parameters())
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, linear_warmup(int(optim_cfg.get("warmup_steps", 0)))
+        factor = lr_factor(
+            int(optim_cfg.get("warmup_steps", 0)),
+            str(optim_cfg.get("decay", "none")),
+            int(optim_cfg.get("total_steps", 0) or 0),
         )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

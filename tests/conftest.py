@@ -36,3 +36,12 @@ def _tiny_overrides(**extra: str) -> list[str]:
 def tiny():
     """``tiny(**overrides) -> list[str]``: Hydra overrides for a tiny, seconds-long Glow run."""
     return _tiny_overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny in-process training run (real Trainer, checkpoints on disk), shared by tests."""
+    import nfcv
+    from nfcv.cli.train import train
+
+    return train(nfcv.compose(_tiny_overrides()), run_dir=tmp_path_factory.mktemp("tiny") / "run")

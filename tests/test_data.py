@@ -123,8 +123,18 @@ def write_cifar10(root: Path, per_batch=3, n_test=4) -> dict[str, np.ndarray]:
         with open(base / name, "wb") as f:
             pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
         written[name] = data
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-               "truck"]
+    classes = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": classes, "num_vis": 3072, "num_cases_per_batch": per_batch}, f)
     return written
@@ -133,13 +143,17 @@ def write_cifar10(root: Path, per_batch=3, n_test=4) -> dict[str, np.ndarray]:
 def test_cifar10_pickle_batches(tmp_path):
     written = write_cifar10(tmp_path)
     dm = _datamodule(
-        "data=cifar10", f"data.root={tmp_path}", "data.verify=false", "data.val_size=3",
+        "data=cifar10",
+        f"data.root={tmp_path}",
+        "data.verify=false",
+        "data.val_size=3",
         "data.num_workers=0",
     )
     test = dm.split("test")
     assert test.images.shape == (4, 3, 32, 32) and test.images.dtype == torch.uint8
     np.testing.assert_array_equal(
-        test.images.numpy().reshape(4, -1), written["test_batch"]  # CHW order == file order
+        test.images.numpy().reshape(4, -1),
+        written["test_batch"],  # CHW order == file order
     )
     assert len(dm.split("train")) == 12 and len(dm.split("val")) == 3
     assert dm.split("train").hflip and not dm.split("val").hflip and not test.hflip
@@ -160,10 +174,14 @@ def test_digits_splits_are_fixed_and_disjoint():
     assert dm.split("train").images.max() == 16
     again = _datamodule("data=digits")
     torch.testing.assert_close(again.split("val").images, dm.split("val").images)
-    rows = {bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(dm.split("test").images,
-                                                                dm.split("test").labels)}
-    train_rows = {bytes(x.numpy()) + bytes([int(y)]) for x, y in zip(dm.split("train").images,
-                                                                      dm.split("train").labels)}
+    rows = {
+        bytes(x.numpy()) + bytes([int(y)])
+        for x, y in zip(dm.split("test").images, dm.split("test").labels, strict=True)
+    }
+    train_rows = {
+        bytes(x.numpy()) + bytes([int(y)])
+        for x, y in zip(dm.split("train").images, dm.split("train").labels, strict=True)
+    }
     # digits has a few exact duplicate images; disjoint indices keep overlap to those
     assert len(rows & train_rows) <= 5
 
@@ -171,7 +189,9 @@ def test_digits_splits_are_fixed_and_disjoint():
 SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
 
 
-@pytest.mark.skipif(not SHARED_FASHION.is_dir(), reason="the shared Fashion-MNIST files are absent")
+@pytest.mark.skipif(
+    not SHARED_FASHION.is_dir(), reason="the shared Fashion-MNIST files are absent"
+)
 def test_real_fashion_mnist_files(tmp_path, monkeypatch):
     monkeypatch.setenv("NFCV_CACHE", str(tmp_path / "cache"))
     dm = _datamodule("data=fashion_mnist", f"data.root={SHARED_FASHION}")

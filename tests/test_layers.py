@@ -145,6 +145,7 @@ def test_couplings_start_as_identity():
 
 
 def test_affine_coupling_stays_finite_for_extreme_net_outputs():
+    # log s is logsigmoid(h + 2): log(sigmoid(-1e4)) would be log(0) = -inf.
     layer = AffineCoupling(4, NET)
     with torch.no_grad():
         layer.net.net[-1].conv.bias.fill_(1e4)
@@ -159,8 +160,11 @@ def test_affine_coupling_stays_finite_for_extreme_net_outputs():
 def test_shapes_are_checked_at_build_time():
     with pytest.raises(ValueError, match=r"\(1, 12, 12\).*2\*\*levels = 8"):
         _multiscale_levels((1, 12, 12), 3)
-    with pytest.raises(ValueError, match="expects"):
+    with pytest.raises(ValueError, match=r"built for \(C=3, H, W\).*\(4, 2, 2\)"):
         Sequential([ActNorm(3)]).output_shape((4, 2, 2))
+    for layer in (SplitPrior(4), LearnedPrior(4), InvConv1x1LU(4), AffineCoupling(4, NET)):
+        with pytest.raises(ValueError, match=r"\(6, 2, 2\)"):
+            layer.output_shape((6, 2, 2))
 
 
 def _multiscale_levels(shape, levels):

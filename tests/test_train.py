@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 import nfcv
 import nfcv.data
-from nfcv.cli.train import train
 from nfcv.lit import FlowModule
 
 
@@ -47,11 +49,11 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert after < before - 0.3, (before, after)
 
 
-def test_checkpoint_reload_gives_identical_log_prob(tmp_path, tiny):
-    cfg = nfcv.compose(tiny())
-    summary = train(cfg, run_dir=tmp_path / "run")
+def test_checkpoint_reload_gives_identical_log_prob(tiny_run):
+    summary = tiny_run
+    run_dir = Path(summary["run_dir"])
     best = summary["best_ckpt"]
-    assert best.endswith(".ckpt") and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert best.endswith(".ckpt") and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert summary["steps"] == 4
     loaded = nfcv.load(best)
     assert not loaded.training
@@ -60,15 +62,29 @@ def test_checkpoint_reload_gives_identical_log_prob(tmp_path, tiny):
     x = torch.rand(8, 1, 8, 8)
     torch.testing.assert_close(loaded.log_prob(x), module.log_prob(x), atol=0, rtol=0)
     assert loaded.config.model.name == "glow"
-    assert (tmp_path / "run" / "samples.png").is_file()
-    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "samples.png").is_file()
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
 
-def test_checkpoint_holds_only_plain_containers(tmp_path, tiny):
-    cfg = nfcv.compose(tiny())
-    summary = train(cfg, run_dir=tmp_path / "run")
-    ckpt = torch.load(summary["last_ckpt"], map_location="cpu", weights_only=True)
+def test_checkpoint_holds_only_plain_containers(tiny_run):
+    ckpt = torch.load(tiny_run["last_ckpt"], map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert type(hp["cfg"]) is dict and type(hp["cfg"]["model"]) is dict
     assert hp["cfg"]["model"]["flow"]["num_levels"] == 2  # resolved, not "${model.levels}"
     assert hp["data_info"]["split_sizes"] == {"train": 1350, "val": 150}
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from nfcv.lit import lr_factor
+
+    f = lr_factor(10, "cosine", 110)
+    assert f(0) == 0.1 and f(9) == 1.0 and f(10) == 1.0
+    assert abs(f(60) - 0.5) < 1e-12 and abs(f(110)) < 1e-12
+    assert lr_factor(10)(500) == 1.0  # no decay: constant after warmup
+
+
+def test_unknown_choice_is_a_config_error():
+    from nfcv.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="spline"):
+        nfcv.build_model(nfcv.compose(["model.coupling=spline"]))

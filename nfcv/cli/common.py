@@ -29,3 +29,14 @@ def device_arg(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} asked for, but CUDA is not available: use device=cpu")
     return device
+
+
+def int_arg(cfg: DictConfig, key: str, minimum: int = 1) -> int:
+    """An integer option, with a clear error for text or values below `minimum`."""
+    try:
+        value = int(cfg[key])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key} must be an integer, got {cfg[key]!r}") from err
+    if value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+    return value

@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import nfcv
-from nfcv.cli.common import checkpoint_arg, device_arg
-from nfcv.errors import ConfigError, DataError, user_errors
+from nfcv.cli.common import checkpoint_arg, device_arg, int_arg
+from nfcv.errors import DataError, user_errors
 from nfcv.model import ImageFlow
 
 
@@ -42,20 +42,19 @@ def per_image_bpd(
 def evaluate(cfg: DictConfig) -> dict:
     ckpt = checkpoint_arg(cfg)
     device = device_arg(cfg.device)
-    if int(cfg.k) < 1:
-        raise ConfigError(f"k must be >= 1, got k={cfg.k}")
+    k, batch_size, seed = int_arg(cfg, "k"), int_arg(cfg, "batch_size"), int_arg(cfg, "seed", 0)
     model = nfcv.load(ckpt, map_location=device)
     data_cfg = OmegaConf.create(OmegaConf.to_container(model.config.data))
     for key in ("root", "download"):
         if cfg.get(key) is not None:
             data_cfg[key] = cfg[key]
-    data_cfg.eval_batch_size = int(cfg.batch_size)
+    data_cfg.eval_batch_size = batch_size
     datamodule = instantiate(data_cfg)
-    loader = datamodule._loader(datamodule.split(cfg.split), int(cfg.batch_size), shuffle=False)
+    loader = datamodule._loader(datamodule.split(cfg.split), batch_size, shuffle=False)
 
-    torch.manual_seed(int(cfg.seed))  # the dequantization noise: same seed, same figure
+    torch.manual_seed(seed)  # the dequantization noise: same seed, same figure
     start = time.perf_counter()
-    bpd = per_image_bpd(model, loader, k=int(cfg.k), device=device, progress=bool(cfg.progress))
+    bpd = per_image_bpd(model, loader, k=k, device=device, progress=bool(cfg.progress))
     n = bpd.numel()
     result = {
         "checkpoint": str(ckpt),
@@ -63,8 +62,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "data": datamodule.describe(),
         "split": cfg.split,
         "num_images": n,
-        "k": int(cfg.k),
-        "seed": int(cfg.seed),
+        "k": k,
+        "seed": seed,
         "bpd": bpd.mean().item(),
         "bpd_stderr": (bpd.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan,
         "seconds": round(time.perf_counter() - start, 2),
@@ -75,7 +74,8 @@ def evaluate(cfg: DictConfig) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"nfcv: {result['model']} on {result['data']['name']} {cfg.split} "
-        f"({n} images, k={result['k']}): {result['bpd']:.4f} +/- {result['bpd_stderr']:.4f} bits/dim"
+        f"({n} images, k={result['k']}): {result['bpd']:.4f} +/- {result['bpd_stderr']:.4f} "
+        "bits/dim"
         f"\n  json: {out}"
     )
     return result

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, ListConfig
 from torchvision.utils import save_image
 
 import nfcv
-from nfcv.cli.common import checkpoint_arg, device_arg
+from nfcv.cli.common import checkpoint_arg, device_arg, int_arg
 from nfcv.errors import ConfigError, user_errors
 from nfcv.grid import sample_grid
 
@@ -23,14 +23,13 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(
             f"temperature must be a number or a list of numbers, got {temps}"
         ) from err
-    if int(cfg.n) < 1 or int(cfg.nrow) < 1:
-        raise ConfigError(f"n and nrow must be positive, got n={cfg.n}, nrow={cfg.nrow}")
+    n, nrow, seed = int_arg(cfg, "n"), int_arg(cfg, "nrow"), int_arg(cfg, "seed", minimum=0)
     model = nfcv.load(ckpt, map_location=device_arg(cfg.device))
     out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid = sample_grid(model, temps, int(cfg.n), nrow=int(cfg.nrow), seed=int(cfg.seed))
+    grid = sample_grid(model, temps, n, nrow=nrow, seed=seed)
     save_image(grid, out)
-    print(f"nfcv: {cfg.n} samples per temperature {temps} -> {out}")
+    print(f"nfcv: {n} samples per temperature {temps} -> {out}")
     return out
 
 

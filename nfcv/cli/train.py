@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -12,13 +14,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from nfcv.callbacks import SampleGridLogger
+from nfcv.api import resolve
+from nfcv.callbacks import SampleGridLogger, TrainSpeed
 from nfcv.errors import user_errors
 from nfcv.grid import sample_grid
 from nfcv.lit import FlowModule
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising tips and a deprecation warning it raises against itself."""
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def _run_dir() -> Path:
@@ -35,12 +50,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    plain_cfg = resolve(cfg)
     module = FlowModule(plain_cfg, data_info=datamodule.describe())
 
     ckpt_dir = run_dir / "checkpoints"
@@ -55,8 +71,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     logger = TensorBoardLogger(
         save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
     )
+    speed = TrainSpeed()
     callbacks = [
         checkpoint,
+        speed,
         LearningRateMonitor(logging_interval="step"),
         SampleGridLogger(cfg.sample.every_n_steps, cfg.sample.temperatures, cfg.sample.per_row),
     ]
@@ -66,7 +84,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
 
+    # Read before testing: trainer.test restores the callback state stored in the checkpoint.
     best = checkpoint.best_model_path or checkpoint.last_model_path
+    last = checkpoint.last_model_path
+    best_score = checkpoint.best_model_score
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_bpd = float(test_metrics[0]["test/bpd"]) if test_metrics else math.nan
 
@@ -76,15 +97,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         save_image(grid, samples_path)
     summary = {
         "test_bpd": test_bpd,
-        "best_val_bpd": float(checkpoint.best_model_score)
-        if checkpoint.best_model_score is not None
-        else math.nan,
+        "best_val_bpd": float(best_score) if best_score is not None else math.nan,
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
+        "train_images_per_second": round(speed.images_per_second, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
         "run_dir": str(run_dir),
         "best_ckpt": best,
-        "last_ckpt": checkpoint.last_model_path,
+        "last_ckpt": last,
         "samples": str(samples_path),
         "module": module,
     }
@@ -92,10 +112,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         print(
             f"\nnfcv: {cfg.model.name} on {cfg.data.name}: test bpd {test_bpd:.4f} "
             f"(best val bpd {summary['best_val_bpd']:.4f}, {summary['steps']} steps, "
-            f"{summary['total_seconds']:.0f} s)\n"
+            f"{summary['total_seconds']:.0f} s, {summary['train_images_per_second']:.0f} "
+            "training img/s)\n"
             f"  run folder:  {run_dir}\n"
             f"  checkpoint:  {best}\n"
-            f"  last:        {checkpoint.last_model_path}\n"
+            f"  last:        {last}\n"
             f"  samples:     {samples_path}\n"
             f"  tensorboard: tensorboard --logdir {run_dir / 'tb'}\n"
             f"  next:        nfcv-sample ckpt={best}   |   nfcv-eval ckpt={best}"

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nfcv.flows.base import Bijector
+from nfcv.flows.base import Bijector, check_channels
 
 # Channels whose first-batch standard deviation falls below this keep scale 1: dividing by a
 # near-zero std would make the layer blow the channel up by ~1e6 and its log-det by ~14 nats/pixel.
@@ -60,8 +60,4 @@ class ActNorm(Bijector):
         return z * torch.exp(-self.log_scale) - self.loc, -self._logdet(z)
 
     def output_shape(self, shape):
-        if len(shape) != 3 or shape[0] != self.num_channels:
-            raise ValueError(
-                f"ActNorm({self.num_channels}) expects (C={self.num_channels}, H, W), got {tuple(shape)}"
-            )
-        return tuple(shape)
+        return check_channels(self, shape, self.num_channels)

@@ -33,6 +33,15 @@ class Bijector(nn.Module):
         return tuple(shape)
 
 
+def check_channels(layer: nn.Module, shape: Shape, channels: int) -> Shape:
+    """`output_shape` of a shape-preserving layer built for `channels` channels of (C, H, W)."""
+    if len(shape) != 3 or shape[0] != channels:
+        raise ValueError(
+            f"{type(layer).__name__} was built for (C={channels}, H, W) inputs, got {tuple(shape)}"
+        )
+    return tuple(shape)
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every dimension but the first: per-sample log-densities and log-dets."""
     return x.reshape(x.shape[0], -1).sum(dim=1)

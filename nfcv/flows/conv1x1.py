@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfcv.flows.base import Bijector
+from nfcv.flows.base import Bijector, check_channels
 
 
 def _random_rotation(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -32,7 +32,9 @@ class _Conv1x1Base(Bijector):
 
     def inverse_weight(self, dtype: torch.dtype) -> Tensor:
         """W^-1, computed in float64; cached while no parameter changes (sampling in eval mode)."""
-        key = (tuple(p._version for p in self.parameters()), dtype, self.training)
+        # Version counters change on in-place updates (optimizer steps, load_state_dict), data
+        # pointers on moves between devices; writes through `.data` bypass both, so don't.
+        key = (tuple((p._version, p.data_ptr()) for p in self.parameters()), dtype)
         if (
             not torch.is_grad_enabled()
             and self._inv_cache is not None
@@ -57,12 +59,7 @@ class _Conv1x1Base(Bijector):
         return x, logdet.expand(z.shape[0])
 
     def output_shape(self, shape):
-        if len(shape) != 3 or shape[0] != self.num_channels:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_channels}) expects (C={self.num_channels}, H, W), "
-                f"got {tuple(shape)}"
-            )
-        return tuple(shape)
+        return check_channels(self, shape, self.num_channels)
 
 
 class InvConv1x1(_Conv1x1Base):

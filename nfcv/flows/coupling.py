@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfcv.flows.base import Bijector, sum_except_batch, zero_logdet
+from nfcv.flows.base import Bijector, check_channels, sum_except_batch, zero_logdet
 
 NetFactory = Callable[[int, int], nn.Module]
 
@@ -19,7 +19,7 @@ SIGMOID_SCALE_SHIFT = 2.0
 
 
 class _ChannelCoupling(Bijector):
-    """Split channels into ``x1 = x[:, :c1]`` (conditioner) and ``x2 = x[:, c1:]`` (transformed)."""
+    """Channels split into ``x1 = x[:, :c1]`` (conditioner) and ``x2 = x[:, c1:]`` (changed)."""
 
     def __init__(self, num_channels: int, net: NetFactory, params_per_channel: int):
         super().__init__()
@@ -34,12 +34,7 @@ class _ChannelCoupling(Bijector):
         self.net = net(self.c1, params_per_channel * self.c2)
 
     def output_shape(self, shape):
-        if len(shape) != 3 or shape[0] != self.num_channels:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_channels}) expects (C={self.num_channels}, H, W), "
-                f"got {tuple(shape)}"
-            )
-        return tuple(shape)
+        return check_channels(self, shape, self.num_channels)
 
 
 class AdditiveCoupling(_ChannelCoupling):
@@ -60,8 +55,8 @@ class AdditiveCoupling(_ChannelCoupling):
 class AffineCoupling(_ChannelCoupling):
     """Glow's affine coupling ``z2 = (x2 + t(x1)) * s(x1)`` with ``s = sigmoid(h + 2)``.
 
-    The network's output channels interleave (shift, raw scale) as in openai/glow; log s is computed
-    as logsigmoid so it stays finite for any network output.
+    The network's output channels interleave (shift, raw scale) as in openai/glow; log s is
+    computed as logsigmoid so it stays finite for any network output.
     """
 
     def __init__(self, num_channels: int, net: NetFactory):

@@ -9,7 +9,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from nfcv.flows.base import Bijector, Sequential, Shape, sum_except_batch, zero_logdet
+from nfcv.flows.base import (
+    Bijector,
+    Sequential,
+    Shape,
+    check_channels,
+    sum_except_batch,
+    zero_logdet,
+)
 from nfcv.flows.nets import ZeroConv2d
 
 StepFactory = Callable[[int], Bijector]
@@ -18,7 +25,8 @@ StepFactory = Callable[[int], Bijector]
 class Squeeze(Bijector):
     """Space-to-depth: each 2x2 patch becomes 4 channels, ``(C, H, W) -> (4C, H/2, W/2)``.
 
-    Channel ``4c + 2i + j`` holds pixel ``(2h + i, 2w + j)`` of input channel c (openai/glow order).
+    Channel ``4c + 2i + j`` holds pixel ``(2h + i, 2w + j)`` of input channel c (openai/glow's
+    order).
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,6 +56,7 @@ class SplitPrior(Bijector):
 
     def __init__(self, num_channels: int):
         super().__init__()
+        self.num_channels = num_channels
         self.c1 = num_channels // 2
         self.c2 = num_channels - self.c1
         self.net = ZeroConv2d(self.c1, 2 * self.c2)
@@ -69,12 +78,16 @@ class SplitPrior(Bijector):
             log_sigma
         )
 
+    def output_shape(self, shape: Shape) -> Shape:
+        return check_channels(self, shape, self.num_channels)
+
 
 class LearnedPrior(Bijector):
     """Glow's learned top prior N(mu, sigma^2) per channel, folded in as ``(z - mu) / sigma``."""
 
     def __init__(self, num_channels: int):
         super().__init__()
+        self.num_channels = num_channels
         self.mean = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.log_sigma = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
 
@@ -86,6 +99,9 @@ class LearnedPrior(Bijector):
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z * torch.exp(self.log_sigma) + self.mean, -self._logdet(z)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return check_channels(self, shape, self.num_channels)
 
 
 class MultiScale(Bijector):
@@ -112,7 +128,8 @@ class MultiScale(Bijector):
             raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
         if num_levels < 1 or steps_per_level < 0:
             raise ValueError(
-                f"need levels >= 1 and steps >= 0, got levels={num_levels}, steps={steps_per_level}"
+                f"need levels >= 1 and steps >= 0, got levels={num_levels}, "
+                f"steps={steps_per_level}"
             )
         c, h, w = image_shape
         factor = 2**num_levels

@@ -48,15 +48,22 @@ class GlowNet(nn.Module):
     zero-init conv3x3 (arXiv:1807.03039, section 3.3 and appendix; convs carry no bias because
     ActNorm follows them)."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 512):
+    def __init__(
+        self, in_channels: int, out_channels: int, hidden_channels: int = 512, dropout: float = 0.0
+    ):
         super().__init__()
         if hidden_channels < 1:
             raise ValueError(f"hidden_channels must be positive, got {hidden_channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
             _ActNormAct(hidden_channels),
             nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False),
             _ActNormAct(hidden_channels),
+            # Not in Glow; a regulariser for small datasets (Flow++ uses dropout in its nets).
+            # Active in training only, so the flow is exactly invertible in eval mode.
+            nn.Dropout(dropout),
             ZeroConv2d(hidden_channels, out_channels, 3),
         )
         nn.init.normal_(self.net[0].weight, std=0.05)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Reproduces the README's results table on this machine: the default run (Glow on the embedded
+# digits) and the foundation benchmark (Glow on Fashion-MNIST, 600 steps). Prints the summary
+# line of each run; the figures in the README come from this script.
+#   bash scripts/reproduce_results.sh [FASHION_MNIST_ROOT]
+set -euo pipefail
+fashion_root=${1:-../shared/data/fashion-mnist}
+echo "== machine: $(nproc) cores, torch threads: $(python -c 'import torch; print(torch.get_num_threads())')"
+echo "== default run: nfcv-train"
+/usr/bin/time -f "wall %e s" nfcv-train trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|wall"
+echo "== benchmark: Glow on Fashion-MNIST, 600 steps"
+/usr/bin/time -f "wall %e s" nfcv-train experiment=glow_fashion_mnist "data.root=$fashion_root" \
+  trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|img/s|wall"
