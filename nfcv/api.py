@@ -57,7 +57,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         raise ConfigError(
             f"the config does not resolve: {str(err).splitlines()[0]}. Check the spelling of the "
-            "overridden values (e.g. model.coupling and model.conv1x1 take the names listed under "
+            "overridden values (e.g. model.coupling and model.permutation take the names listed under "
             "model.choices)"
         ) from err
 

@@ -11,16 +11,20 @@ from nfcv.flows import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    ChannelPermutation,
     Flatten,
     GlowNet,
     InvConv1x1,
     InvConv1x1LU,
     LearnedPrior,
+    MixLogCDFCoupling,
     MultiScale,
     Sequential,
     Shift,
+    SplineCoupling,
     SplitPrior,
     Squeeze,
+    Triangular1x1,
 )
 
 NET = functools.partial(GlowNet, hidden_channels=6)
@@ -61,6 +65,13 @@ LAYERS = {
     "affine_coupling": (lambda c: _perturb(AffineCoupling(c, NET)), (4, 3, 3)),
     "affine_coupling_odd": (lambda c: _perturb(AffineCoupling(c, NET)), (3, 3, 3)),
     "additive_coupling": (lambda c: _perturb(AdditiveCoupling(c, NET)), (4, 3, 3)),
+    # Spline inputs span the tails too (|x| > bound = 1.5 for some of randn's draws).
+    "spline_coupling": (lambda c: _perturb(SplineCoupling(c, NET, 4, 1.5), 0.3), (4, 3, 3)),
+    # Bisection to 1e-12 so the float64 round trip meets 1e-10.
+    "mixlogcdf_coupling": (lambda c: _perturb(MixLogCDFCoupling(c, NET, 3, 1e-12)), (4, 3, 3)),
+    "triangular": (lambda c: _perturb(Triangular1x1(c)), (4, 3, 3)),
+    "reverse": (lambda c: ChannelPermutation(c, "reverse"), (3, 2, 2)),
+    "shuffle": (lambda c: ChannelPermutation(c, "shuffle", seed=1), (5, 2, 2)),
     "squeeze": (lambda c: Squeeze(), (2, 4, 4)),
     "split_prior": (lambda c: _perturb(SplitPrior(c)), (4, 3, 3)),
     "learned_prior": (lambda c: _perturb(LearnedPrior(c)), (4, 3, 3)),
@@ -191,3 +202,39 @@ def test_inverse_weight_cache_follows_parameter_updates():
         x, _ = layer.inverse(z)
         z2, _ = layer(x)
     torch.testing.assert_close(z2, z, atol=1e-5, rtol=0)
+
+
+def test_coupling_pass_through_half_is_bit_exact():
+    x = torch.randn(2, 4, 3, 3)
+    for layer in (
+        _perturb(AffineCoupling(4, NET)),
+        _perturb(SplineCoupling(4, NET)),
+        _perturb(MixLogCDFCoupling(4, NET)),
+    ):
+        z, _ = layer(x)
+        assert torch.equal(z[:, :2], x[:, :2])
+
+
+def test_new_couplings_start_as_the_identity():
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for layer in (SplineCoupling(4, NET, 6, 2.0), MixLogCDFCoupling(4, NET, 3)):
+        z, logdet = layer.double()(x)
+        torch.testing.assert_close(z, x, atol=1e-12, rtol=0)
+        torch.testing.assert_close(logdet, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_triangular_jacobian_is_lower_triangular_in_channel_order():
+    layer = _perturb(Triangular1x1(4)).double()
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer(v.view(1, 4, 1, 1))[0].reshape(-1), x.reshape(-1)
+    )
+    assert torch.all(torch.triu(jac, 1) == 0) and torch.all(torch.diagonal(jac) > 0)
+
+
+def test_mixlogcdf_inverse_meets_its_bisection_tolerance_in_float32():
+    layer = _perturb(MixLogCDFCoupling(4, NET, 4, tol=1e-6)).eval()
+    x = torch.randn(3, 4, 3, 3) * 3
+    z, _ = layer(x)
+    x_rec, _ = layer.inverse(z)
+    torch.testing.assert_close(x_rec, x, atol=1e-4, rtol=0)

@@ -23,7 +23,17 @@ def _glow(*overrides: str) -> nfcv.ImageFlow:
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", [[], ["model.coupling=additive"], ["model.conv1x1=plain"]])
+VARIANTS = [
+    [],
+    ["model.coupling=additive"],
+    ["model.coupling=spline"],
+    # The inverse is bisection: ask for a tolerance below the float64 check's 1e-10.
+    ["model.coupling=mixlogcdf", "model.choices.coupling.mixlogcdf.tol=1e-12"],
+    *[[f"model.permutation={p}"] for p in ("plain", "triangular", "reverse", "shuffle")],
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_public_api_shapes_and_exact_inverse(variant):
     model = _glow(*variant)
     assert model.image_shape == (1, 8, 8)

@@ -88,3 +88,17 @@ def test_unknown_choice_is_a_config_error():
 
     with pytest.raises(ConfigError, match="spline"):
         nfcv.build_model(nfcv.compose(["model.coupling=spline"]))
+
+
+@pytest.mark.parametrize(
+    "choice", ["model.coupling=spline", "model.coupling=mixlogcdf", "model.permutation=shuffle"]
+)
+def test_other_layer_choices_train_on_digits(tmp_path, tiny, choice):
+    from nfcv.cli.train import train
+
+    summary = train(nfcv.compose([*tiny(), choice]), run_dir=tmp_path / "run")
+    assert summary["steps"] == 4
+    assert 0 < summary["test_bpd"] < 6
+    loaded = nfcv.load(summary["best_ckpt"])
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(loaded.inverse(loaded.transform(x)[0]), x, atol=1e-4, rtol=0)

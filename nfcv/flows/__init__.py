@@ -3,26 +3,36 @@
 
 from nfcv.flows.actnorm import ActNorm
 from nfcv.flows.base import Bijector, Flatten, Sequential
-from nfcv.flows.conv1x1 import InvConv1x1, InvConv1x1LU
-from nfcv.flows.coupling import AdditiveCoupling, AffineCoupling
+from nfcv.flows.conv1x1 import InvConv1x1, InvConv1x1LU, Triangular1x1
+from nfcv.flows.coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    MixLogCDFCoupling,
+    SplineCoupling,
+)
 from nfcv.flows.elementwise import Shift
 from nfcv.flows.multiscale import LearnedPrior, MultiScale, SplitPrior, Squeeze
 from nfcv.flows.nets import GlowNet, ZeroConv2d
+from nfcv.flows.permute import ChannelPermutation
 
 __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
     "Bijector",
+    "ChannelPermutation",
     "Flatten",
     "GlowNet",
     "InvConv1x1",
     "InvConv1x1LU",
     "LearnedPrior",
+    "MixLogCDFCoupling",
     "MultiScale",
     "Sequential",
     "Shift",
+    "SplineCoupling",
     "SplitPrior",
     "Squeeze",
+    "Triangular1x1",
     "ZeroConv2d",
 ]

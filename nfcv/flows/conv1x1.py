@@ -119,3 +119,34 @@ class InvConv1x1LU(_Conv1x1Base):
 
     def log_abs_det(self) -> Tensor:
         return self.log_s.sum()
+
+
+class Triangular1x1(_Conv1x1Base):
+    """Lower-triangular channel mixing with a positive diagonal, ``W = L + diag(exp(d))``.
+
+    A linear flow whose log-det costs O(C) (the diagonal) and whose inverse is a triangular solve
+    (the linear-flow family of Papamakarios et al. 2021, arXiv:1912.02762, section 3.1). Starts as
+    the identity.
+    """
+
+    def __init__(self, num_channels: int):
+        super().__init__(num_channels)
+        self.lower = nn.Parameter(torch.zeros(num_channels, num_channels))
+        self.log_diag = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
+
+    def _matrix(self, dtype: torch.dtype) -> Tensor:
+        return self.lower.to(dtype) * self.lower_mask.to(dtype) + torch.diag(
+            torch.exp(self.log_diag.to(dtype))
+        )
+
+    def weight(self) -> Tensor:
+        return self._matrix(self.lower.dtype)
+
+    def _weight_inverse64(self) -> Tensor:
+        m = self._matrix(torch.float64)
+        eye = torch.eye(self.num_channels, dtype=torch.float64, device=m.device)
+        return torch.linalg.solve_triangular(m, eye, upper=False)
+
+    def log_abs_det(self) -> Tensor:
+        return self.log_diag.sum()
