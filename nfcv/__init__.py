@@ -8,6 +8,15 @@ __version__ = "0.1.0"
 OmegaConf.register_new_resolver("pow2", lambda bits: 2 ** int(bits), replace=True)
 
 from nfcv.api import build_model, compose, load  # noqa: E402
+from nfcv.catalogue import build_layer, layer_names  # noqa: E402
 from nfcv.model import ImageFlow  # noqa: E402
 
-__all__ = ["ImageFlow", "__version__", "build_model", "compose", "load"]
+__all__ = [
+    "ImageFlow",
+    "__version__",
+    "build_layer",
+    "build_model",
+    "compose",
+    "layer_names",
+    "load",
+]

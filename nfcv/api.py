@@ -57,8 +57,8 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     except OmegaConfBaseException as err:
         raise ConfigError(
             f"the config does not resolve: {str(err).splitlines()[0]}. Check the spelling of the "
-            "overridden values (e.g. model.coupling and model.permutation take the names listed under "
-            "model.choices)"
+            "overridden values (e.g. model.coupling and model.permutation take the names listed "
+            "under model.choices)"
         ) from err
 
 

@@ -23,7 +23,8 @@ def test_the_tree_has_the_documented_groups():
 
 
 @pytest.mark.parametrize(
-    "group, option", [(g, o) for g in GROUPS if g != "experiment" for o in _options(g)]
+    "group, option",
+    [(g, o) for g in GROUPS if g not in ("experiment", "layer") for o in _options(g)],
 )
 def test_every_option_composes_and_instantiates(group, option):
     cfg = nfcv.compose([f"{group}={option}"])

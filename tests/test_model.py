@@ -29,7 +29,10 @@ VARIANTS = [
     ["model.coupling=spline"],
     # The inverse is bisection: ask for a tolerance below the float64 check's 1e-10.
     ["model.coupling=mixlogcdf", "model.choices.coupling.mixlogcdf.tol=1e-12"],
-    *[[f"model.permutation={p}"] for p in ("plain", "triangular", "reverse", "shuffle")],
+    *[
+        [f"model.permutation={p}"]
+        for p in ("plain", "triangular", "reverse", "shuffle", "periodic")
+    ],
 ]
 
 

@@ -11,6 +11,7 @@ from nfcv.flows.coupling import (
     SplineCoupling,
 )
 from nfcv.flows.elementwise import Shift
+from nfcv.flows.linear import DiagAffine, PeriodicConv
 from nfcv.flows.multiscale import LearnedPrior, MultiScale, SplitPrior, Squeeze
 from nfcv.flows.nets import GlowNet, ZeroConv2d
 from nfcv.flows.permute import ChannelPermutation
@@ -21,6 +22,7 @@ __all__ = [
     "AffineCoupling",
     "Bijector",
     "ChannelPermutation",
+    "DiagAffine",
     "Flatten",
     "GlowNet",
     "InvConv1x1",
@@ -28,6 +30,7 @@ __all__ = [
     "LearnedPrior",
     "MixLogCDFCoupling",
     "MultiScale",
+    "PeriodicConv",
     "Sequential",
     "Shift",
     "SplineCoupling",

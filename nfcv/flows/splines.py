@@ -120,7 +120,16 @@ def mixture_logistic_logit_inverse(
     tol: float = 1e-6,
     max_iters: int = 200,
 ) -> Tensor:
-    """Invert `mixture_logistic_logit` by bisection to `tol` (the map is strictly increasing)."""
+    """Invert `mixture_logistic_logit` by bisection to `tol` (the map is strictly increasing).
+
+    Runs without autograd (no gradient flows through the root); stops at `tol`, or when the
+    bracket stops shrinking at the dtype's precision.
+    """
+    with torch.no_grad():
+        return _bisect(y, logits, means, log_scales, tol, max_iters)
+
+
+def _bisect(y, logits, means, log_scales, tol, max_iters):
     scales = torch.exp(log_scales)
     # Beyond every component's mean +/- (|y| + 30) scales, the mixture's logit exceeds |y|.
     reach = (y.abs()[..., None] + 30.0) * scales
@@ -129,8 +138,10 @@ def mixture_logistic_logit_inverse(
     for _ in range(max_iters):
         mid = 0.5 * (lo + hi)
         below = mixture_logistic_logit(mid, logits, means, log_scales)[0] < y
-        lo = torch.where(below, mid, lo)
-        hi = torch.where(below, hi, mid)
+        new_lo, new_hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        if torch.equal(new_lo, lo) and torch.equal(new_hi, hi):
+            break  # at the dtype's resolution
+        lo, hi = new_lo, new_hi
         if bool(((hi - lo) <= tol).all()):
             break
     return 0.5 * (lo + hi)

@@ -1,0 +1,43 @@
+"""The layer catalogue: every flow layer by its config name (``configs/layer/<name>.yaml``)."""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nfcv.flows.base import Bijector
+
+LAYER_GROUP = "layer"
+
+
+def _folder():
+    return importlib.resources.files("nfcv.configs").joinpath(LAYER_GROUP)
+
+
+def layer_names() -> list[str]:
+    """Names accepted by `build_layer` (and by ``/layer@...`` entries of model configs)."""
+    return sorted(p.name[: -len(".yaml")] for p in _folder().iterdir() if p.name.endswith(".yaml"))
+
+
+def layer_config(name: str) -> DictConfig:
+    names = layer_names()
+    if name not in names:
+        raise ValueError(f"unknown layer {name!r}; the catalogue has: {', '.join(names)}")
+    return OmegaConf.create(_folder().joinpath(f"{name}.yaml").read_text())
+
+
+def build_layer(name: str, shape: Sequence[int], **overrides: Any) -> Bijector:
+    """Build catalogue layer `name` for inputs of per-sample shape (C, H, W).
+
+    Keyword arguments override the layer's config, e.g. ``build_layer("spline_coupling",
+    (4, 8, 8), num_bins=16)``. The shape is checked against the layer before it is returned.
+    """
+    cfg = OmegaConf.merge(layer_config(name), overrides)
+    made = instantiate(cfg)
+    layer = made if isinstance(made, Bijector) else made(int(shape[0]))
+    layer.output_shape(tuple(int(s) for s in shape))
+    return layer
