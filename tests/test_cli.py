@@ -113,8 +113,8 @@ def test_unknown_config_option_is_hydras_error(tmp_path):
 
 
 def test_unknown_choice_value_lists_where_choices_are(tmp_path):
-    proc = run("nfcv-train", "model.coupling=spline", cwd=tmp_path, check=False)
-    _fails(proc, "spline", "model.choices")
+    proc = run("nfcv-train", "model.coupling=splines", cwd=tmp_path, check=False)
+    _fails(proc, "splines", "model.choices")
 
 
 def test_pixel_values_outside_the_data_range(tmp_path):

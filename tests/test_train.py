@@ -86,8 +86,8 @@ def test_lr_schedule_warmup_then_cosine():
 def test_unknown_choice_is_a_config_error():
     from nfcv.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="spline"):
-        nfcv.build_model(nfcv.compose(["model.coupling=spline"]))
+    with pytest.raises(ConfigError, match="splines"):
+        nfcv.build_model(nfcv.compose(["model.coupling=splines"]))
 
 
 @pytest.mark.parametrize(
