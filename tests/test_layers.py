@@ -296,3 +296,20 @@ def test_periodic_conv_is_a_circular_convolution(size):
             torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), layer.weight
         )
         torch.testing.assert_close(z, ref)
+
+
+@pytest.mark.parametrize("name", ["maf", "iaf"])
+def test_autoregressive_jacobian_is_lower_triangular_in_raster_order(name):
+    c, h, w = 3, 3, 4
+    layer = _perturb(nfcv.build_layer(name, (c, h, w)), 0.2).double()
+    x = torch.randn(1, c, h, w, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer(v.view(1, c, h, w))[0].reshape(-1), x.reshape(-1)
+    )
+    # Raster order: row, column, then channel; the tensor's flat index is (channel, row, column).
+    order = torch.tensor(
+        [k * h * w + i * w + j for i in range(h) for j in range(w) for k in range(c)]
+    )
+    jac = jac[order][:, order]
+    assert torch.all(torch.triu(jac, 1) == 0)
+    assert torch.tril(jac, -1).abs().sum() > 0  # it really is autoregressive, not elementwise

@@ -91,7 +91,13 @@ def test_unknown_choice_is_a_config_error():
 
 
 @pytest.mark.parametrize(
-    "choice", ["model.coupling=spline", "model.coupling=mixlogcdf", "model.permutation=shuffle"]
+    "choice",
+    [
+        "model.coupling=spline",
+        "model.coupling=mixlogcdf",
+        "model.permutation=periodic",
+        "model=maf",
+    ],
 )
 def test_other_layer_choices_train_on_digits(tmp_path, tiny, choice):
     from nfcv.cli.train import train

@@ -2,6 +2,7 @@
 ``(output, log|det J|)``."""
 
 from nfcv.flows.actnorm import ActNorm
+from nfcv.flows.autoregressive import MaskedAffineAutoregressive
 from nfcv.flows.base import Bijector, Flatten, Sequential
 from nfcv.flows.conv1x1 import InvConv1x1, InvConv1x1LU, Triangular1x1
 from nfcv.flows.coupling import (
@@ -28,6 +29,7 @@ __all__ = [
     "InvConv1x1",
     "InvConv1x1LU",
     "LearnedPrior",
+    "MaskedAffineAutoregressive",
     "MixLogCDFCoupling",
     "MultiScale",
     "PeriodicConv",
