@@ -84,6 +84,25 @@ LAYERS.update(
     {
         "actnorm_3ch": (_actnorm, (3, 4, 4)),
         "affine_coupling_odd": (lambda c: _perturb(AffineCoupling(c, NET)), (3, 3, 3)),
+        # Checkerboard masks (RealNVP), on one channel, where a channel mask cannot split.
+        "affine_checkerboard": (
+            lambda c: _perturb(AffineCoupling(c, NET, mask="checkerboard")),
+            (1, 4, 4),
+        ),
+        "additive_checkerboard_odd": (
+            lambda c: _perturb(AdditiveCoupling(c, NET, mask="checkerboard", parity=1)),
+            (2, 3, 3),
+        ),
+        "spline_checkerboard": (
+            lambda c: _perturb(SplineCoupling(c, NET, 4, 1.5, mask="checkerboard"), 0.05),
+            (2, 4, 4),
+        ),
+        "mixlogcdf_checkerboard": (
+            lambda c: _perturb(
+                MixLogCDFCoupling(c, NET, 3, 1e-12, mask="checkerboard", parity=1), 0.05
+            ),
+            (2, 4, 4),
+        ),
         "split_prior": (lambda c: _perturb(SplitPrior(c)), (4, 3, 3)),
         "learned_prior": (lambda c: _perturb(LearnedPrior(c)), (4, 3, 3)),
         "shift": (lambda c: Shift(-0.5), (2, 3, 3)),
@@ -216,15 +235,19 @@ def test_inverse_weight_cache_follows_parameter_updates():
     torch.testing.assert_close(z2, z, atol=1e-5, rtol=0)
 
 
-def test_coupling_pass_through_half_is_bit_exact():
+@pytest.mark.parametrize(
+    "cls", [AdditiveCoupling, AffineCoupling, SplineCoupling, MixLogCDFCoupling]
+)
+def test_coupling_pass_through_half_is_bit_exact(cls):
     x = torch.randn(2, 4, 3, 3)
-    for layer in (
-        _perturb(AffineCoupling(4, NET)),
-        _perturb(SplineCoupling(4, NET)),
-        _perturb(MixLogCDFCoupling(4, NET)),
-    ):
-        z, _ = layer(x)
-        assert torch.equal(z[:, :2], x[:, :2])
+    z, _ = _perturb(cls(4, NET))(x)
+    assert torch.equal(z[:, :2], x[:, :2])
+    assert not torch.allclose(z[:, 2:], x[:, 2:])
+    for parity in (0, 1):
+        z, _ = _perturb(cls(4, NET, mask="checkerboard", parity=parity))(x)
+        keep = (torch.arange(3)[:, None] + torch.arange(3)[None, :] + parity) % 2 == 0
+        assert torch.equal(z[:, :, keep], x[:, :, keep])
+        assert not torch.allclose(z[:, :, ~keep], x[:, :, ~keep])
 
 
 def test_new_couplings_start_as_the_identity():
