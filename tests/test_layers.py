@@ -336,3 +336,14 @@ def test_autoregressive_jacobian_is_lower_triangular_in_raster_order(name):
     jac = jac[order][:, order]
     assert torch.all(torch.triu(jac, 1) == 0)
     assert torch.tril(jac, -1).abs().sum() > 0  # it really is autoregressive, not elementwise
+
+
+def test_hint_jacobian_is_channel_triangular_and_dense_below():
+    layer = _perturb(nfcv.build_layer("hint", (4, 1, 1)), 0.3).double().eval()
+    x = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer(v.view(1, 4, 1, 1))[0].reshape(-1), x.reshape(-1)
+    )
+    assert torch.all(torch.triu(jac, 1) == 0)
+    # One coupling leaves the (x1 -> x1) block diagonal; the recursion fills it.
+    assert jac[1, 0] != 0 and jac[3, 2] != 0

@@ -97,6 +97,7 @@ def test_unknown_choice_is_a_config_error():
         "model.coupling=mixlogcdf",
         "model.permutation=periodic",
         "model=maf",
+        "model=hint",
     ],
 )
 def test_other_layer_choices_train_on_digits(tmp_path, tiny, choice):

@@ -12,6 +12,7 @@ from nfcv.flows.coupling import (
     SplineCoupling,
 )
 from nfcv.flows.elementwise import Shift
+from nfcv.flows.hint import HINTCoupling
 from nfcv.flows.linear import DiagAffine, PeriodicConv
 from nfcv.flows.multiscale import LearnedPrior, MultiScale, SplitPrior, Squeeze
 from nfcv.flows.nets import GlowNet, ZeroConv2d
@@ -26,6 +27,7 @@ __all__ = [
     "DiagAffine",
     "Flatten",
     "GlowNet",
+    "HINTCoupling",
     "InvConv1x1",
     "InvConv1x1LU",
     "LearnedPrior",
