@@ -12,6 +12,7 @@ from nfcv.flows.coupling import (
     SplineCoupling,
 )
 from nfcv.flows.elementwise import Shift
+from nfcv.flows.ffjord import FFJORD
 from nfcv.flows.hint import HINTCoupling
 from nfcv.flows.linear import DiagAffine, PeriodicConv
 from nfcv.flows.multiscale import LearnedPrior, MultiScale, SplitPrior, Squeeze
@@ -19,6 +20,7 @@ from nfcv.flows.nets import GlowNet, ZeroConv2d
 from nfcv.flows.permute import ChannelPermutation
 
 __all__ = [
+    "FFJORD",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
