@@ -97,6 +97,7 @@ def test_unknown_choice_is_a_config_error():
         ["model.coupling=mixlogcdf"],
         ["model.permutation=periodic"],
         ["model=maf"],
+        ["model=maf", "model.autoregressive=iaf", "model.norm=diag_affine"],
         ["model=hint"],
         # Loose solver tolerances and the Hutchinson trace everywhere keep this to seconds.
         [
@@ -106,7 +107,7 @@ def test_unknown_choice_is_a_config_error():
             "model.choices.cnf.exact_max_dim=0",
         ],
     ],
-    ids=lambda c: c[0],
+    ids=lambda c: " ".join(c)[:40],
 )
 def test_other_layer_choices_train_on_digits(tmp_path, tiny, choice):
     from nfcv.cli.train import train
