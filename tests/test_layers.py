@@ -192,8 +192,11 @@ def test_couplings_start_as_identity():
         if cls is AffineCoupling:
             s = torch.sigmoid(torch.tensor(2.0))
             torch.testing.assert_close(z[:, 2:], x[:, 2:] * s)
+            expected = 2 * 3 * 3 * torch.log(s)  # 2 transformed channels x 3 x 3 pixels
+            torch.testing.assert_close(logdet, expected.expand(2))
         else:
             torch.testing.assert_close(z, x)
+            assert torch.all(logdet == 0)
         torch.testing.assert_close(z[:, :2], x[:, :2])
 
 
@@ -319,18 +322,19 @@ def test_catalogue_layer_learns(name):
 
 
 @pytest.mark.parametrize("size", [(5, 6), (2, 2), (1, 3)])
-def test_periodic_conv_is_a_circular_convolution(size):
+def test_periodic_conv_is_a_circular_cross_correlation(size):
     from nfcv.flows import PeriodicConv
 
     layer = _perturb(PeriodicConv(3, 3), 0.3).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     z, _ = layer(x)
-    torch.testing.assert_close(z, layer._convolve(x, layer._spectrum(*size)))
-    if min(size) > 1:  # conv2d's circular padding needs the pad to fit in the input
-        ref = torch.nn.functional.conv2d(
-            torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"), layer.weight
-        )
-        torch.testing.assert_close(z, ref)
+    # z[o, h, w] = sum_(i, a, b) W[o, i, a, b] x[i, h + a - 1, w + b - 1], indices mod (H, W).
+    ref = torch.zeros_like(z)
+    for a in range(3):
+        for b in range(3):
+            shifted = torch.roll(x, shifts=(1 - a, 1 - b), dims=(2, 3))
+            ref += torch.einsum("oi,bihw->bohw", layer.weight[:, :, a, b], shifted)
+    torch.testing.assert_close(z, ref)
 
 
 @pytest.mark.parametrize("name", ["maf", "iaf"])
@@ -371,3 +375,46 @@ def test_ffjord_uses_hutchinson_in_training_and_is_unbiased():
     assert estimates.std() > 0
     stderr = estimates.std() / 400**0.5
     assert abs(estimates.mean() - exact[0]) < 4 * stderr
+
+
+def test_spline_inverse_at_the_bounds_with_peaked_bins_in_float32():
+    from nfcv.flows.splines import rational_quadratic_spline
+
+    n, k, bound = 2000, 8, 3.0
+    w, h, d = 3 * torch.randn(n, k), 3 * torch.randn(n, k), 3 * torch.randn(n, k - 1)
+    for edge in (bound, -bound):
+        x, logdet = rational_quadratic_spline(torch.full((n,), edge), w, h, d, bound, inverse=True)
+        torch.testing.assert_close(x, torch.full((n,), edge), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logdet, torch.zeros(n), atol=1e-5, rtol=0)  # slope 1 there
+    x = torch.rand(n) * 2 * bound - bound
+    y, _ = rational_quadratic_spline(x, w, h, d, bound)
+    x_rec, _ = rational_quadratic_spline(y, w, h, d, bound, inverse=True)
+    assert (x_rec - x).abs().median() < 1e-4
+
+
+def test_mixlogcdf_inverse_carries_gradients():
+    from nfcv.flows.splines import mixture_logistic_logit, mixture_logistic_logit_inverse
+
+    logits, means = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    log_scales = 0.3 * torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = mixture_logistic_logit_inverse(y, logits, means, log_scales, tol=1e-12)
+    (grad,) = torch.autograd.grad(x.sum(), y)
+    _, log_slope = mixture_logistic_logit(x.detach(), logits, means, log_scales)
+    torch.testing.assert_close(grad, torch.exp(-log_slope))  # dx/dy = 1 / f'(x)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_ffjord_evaluates_without_autograd_contexts(mode):
+    from nfcv.flows import FFJORD
+
+    layer = _perturb(FFJORD(2, 4, rtol=1e-7, atol=1e-7), 0.1).double().eval()
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64)
+    ref_z, ref_logdet = layer(x)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        z, logdet = layer(x)
+        x_rec, _ = layer.inverse(z)
+    torch.testing.assert_close(z, ref_z.detach())
+    torch.testing.assert_close(logdet, ref_logdet.detach())
+    torch.testing.assert_close(x_rec, x, atol=1e-5, rtol=0)

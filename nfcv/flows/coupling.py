@@ -25,8 +25,8 @@ NetFactory = Callable[[int, int], nn.Module]
 # coupling can only contract, which keeps deep stacks from blowing up (openai/glow, model.py).
 SIGMOID_SCALE_SHIFT = 2.0
 # Flow++ keeps mixture log-scales above -7 (arXiv:1902.00275 code): narrower logistics make the
-# CDF a near step whose inverse bisection cannot resolve.
-MIN_LOG_SCALE = -7.0
+# CDF a near step whose inverse bisection cannot resolve. The upper bound keeps exp finite.
+MIN_LOG_SCALE, MAX_LOG_SCALE = -7.0, 7.0
 
 
 def checkerboard(height: int, width: int, parity: int, like: Tensor) -> Tensor:
@@ -84,7 +84,8 @@ class Coupling(Bijector):
             return torch.cat([xa, yb], dim=1), sum_except_batch(logdet)
         m = checkerboard(x.shape[2], x.shape[3], self.parity, x)
         y, logdet = self._elementwise(x, self._params(x * m), inverse)
-        return torch.where(m.bool(), x, y), sum_except_batch(logdet * (1 - m))
+        keep = m.bool()
+        return torch.where(keep, x, y), sum_except_batch(torch.where(keep, 0.0, logdet))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._couple(x, inverse=False)
@@ -178,7 +179,7 @@ class MixLogCDFCoupling(Coupling):
     def _elementwise(self, v, p, inverse):
         k = self.num_components
         logits, means = p[..., :k], p[..., k : 2 * k]
-        log_scales = p[..., 2 * k : 3 * k].clamp_min(MIN_LOG_SCALE)
+        log_scales = p[..., 2 * k : 3 * k].clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
         a, b = torch.tanh(p[..., 3 * k]), p[..., 3 * k + 1]
         if not inverse:
             y, log_dy = mixture_logistic_logit(v, logits, means, log_scales)

@@ -123,12 +123,21 @@ class FFJORD(Bijector):
         )
         return ys[-1], logdets[-1]
 
+    def _solve(self, x: Tensor, t0: float, t1: float) -> tuple[Tensor, Tensor]:
+        if torch.is_inference_mode_enabled():
+            # The trace needs autograd, which inference tensors forbid: leave inference mode
+            # for the solve (results are returned without a graph, as under no_grad).
+            with torch.inference_mode(False), torch.no_grad():
+                y, logdet = self._integrate(x.clone(), t0, t1)
+            return y.clone(), logdet.clone()
+        return self._integrate(x, t0, t1)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._integrate(x, 0.0, self.time)
+        return self._solve(x, 0.0, self.time)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         # Integrating the same dynamics backwards accumulates -integral tr: the inverse's log-det.
-        return self._integrate(z, self.time, 0.0)
+        return self._solve(z, self.time, 0.0)
 
     def output_shape(self, shape):
         return check_channels(self, shape, self.num_channels)

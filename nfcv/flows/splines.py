@@ -70,12 +70,18 @@ def rational_quadratic_spline(
     if not inverse:
         theta = (xin - cw_k) / w_k
     else:
-        dy = xin - ch_k
-        a = dy * slope_sum + h_k * (delta - d_k)
-        b = h_k * d_k - dy * slope_sum
-        c = -delta * dy
-        disc = (b * b - 4 * a * c).clamp_min(0.0)
-        theta = (2 * c / (-b - torch.sqrt(disc))).clamp(0.0, 1.0)
+        # The root of a theta^2 + b theta + c = 0 in [0, 1], in float64: its terms cancel badly
+        # in float32 when a bin's mean slope is far from its knot slopes.
+        f64 = torch.float64
+        dy, sd, hk, dl, dk = (t.to(f64) for t in (xin - ch_k, slope_sum, h_k, delta, d_k))
+        a = dy * sd + hk * (dl - dk)
+        b = hk * dk - dy * sd
+        c = -dl * dy
+        root = torch.sqrt((b * b - 4 * a * c).clamp_min(0.0) + 1e-300)
+        # The citardauq form when b >= 0, the textbook form otherwise: no cancellation either way.
+        theta_pos = 2 * c / (-b - root)
+        theta_neg = (-b + root) / (2 * torch.where(a == 0, torch.ones_like(a), a))
+        theta = torch.where(b >= 0, theta_pos, theta_neg).clamp(0.0, 1.0).to(x.dtype)
     t1t = theta * (1 - theta)
     denominator = delta + slope_sum * t1t
     if not inverse:
@@ -122,11 +128,17 @@ def mixture_logistic_logit_inverse(
 ) -> Tensor:
     """Invert `mixture_logistic_logit` by bisection to `tol` (the map is strictly increasing).
 
-    Runs without autograd (no gradient flows through the root); stops at `tol`, or when the
-    bracket stops shrinking at the dtype's precision.
+    The bisection runs without autograd; it stops at `tol`, or when the bracket stops shrinking
+    at the dtype's precision. With gradients enabled a final Newton step carries them.
     """
     with torch.no_grad():
-        return _bisect(y, logits, means, log_scales, tol, max_iters)
+        root = _bisect(y, logits, means, log_scales, tol, max_iters)
+    if not torch.is_grad_enabled():
+        return root
+    # One Newton step with autograd on: the same value to first order, and the gradient of the
+    # root with respect to y and the mixture (implicit function theorem) instead of none.
+    value, log_slope = mixture_logistic_logit(root, logits, means, log_scales)
+    return root + (y - value) * torch.exp(-log_slope)
 
 
 def _bisect(y, logits, means, log_scales, tol, max_iters):
