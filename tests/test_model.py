@@ -44,7 +44,10 @@ def test_public_api_shapes_and_exact_inverse(variant):
     x = torch.rand(4, 1, 8, 8)
     eps, logdet = model.transform(x)
     assert eps.shape == (4, 64) and logdet.shape == (4,)
-    torch.testing.assert_close(model.inverse(eps), x, atol=1e-4, rtol=0)
+    # Splines: a nearly flat bin divides the float32 rounding of the forward pass by its slope,
+    # so the float32 round trip through the whole model is checked to 5e-4 (float64: 1e-10).
+    tol32 = 5e-4 if "model.coupling=spline" in variant else 1e-4
+    torch.testing.assert_close(model.inverse(eps), x, atol=tol32, rtol=0)
     model64 = model.double()
     x64 = x.double()
     eps64, _ = model64.transform(x64)
