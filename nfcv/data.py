@@ -147,14 +147,18 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def eval_loader(self, name: str) -> DataLoader:
+        """Split `name` in order, `eval_batch_size` at a time (what nfcv-eval iterates)."""
+        return self._loader(self.split(name), self.eval_batch_size, shuffle=False)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.split("train"), self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), self.eval_batch_size, shuffle=False)
+        return self.eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split("test"), self.eval_batch_size, shuffle=False)
+        return self.eval_loader("test")
 
 
 class DigitsDataModule(ImageDataModule):

@@ -86,6 +86,13 @@ def test_eval_reports_bpd_with_stderr_as_json(trained):
     assert f"{result['bpd']:.4f}" in proc.stdout
 
 
+def test_eval_data_override_that_does_not_apply(trained):
+    cwd, _ = trained
+    ckpt = cwd / "outputs" / "run" / "checkpoints" / "last.ckpt"
+    proc = run("nfcv-eval", f"ckpt={ckpt}", "root=/elsewhere", cwd=cwd, check=False)
+    _fails(proc, "root= does not apply", "digits")
+
+
 def _fails(proc, *needles, code=2):
     text = proc.stdout + proc.stderr
     assert proc.returncode == code, text

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 import nfcv
 from nfcv.cli.common import checkpoint_arg, device_arg, int_arg
-from nfcv.errors import DataError, user_errors
+from nfcv.errors import ConfigError, DataError, user_errors
 from nfcv.model import ImageFlow
 
 
@@ -47,10 +47,15 @@ def evaluate(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.create(OmegaConf.to_container(model.config.data))
     for key in ("root", "download"):
         if cfg.get(key) is not None:
+            if key not in data_cfg:
+                raise ConfigError(
+                    f"{key}= does not apply: the checkpoint's data ({data_cfg.get('name')}) has "
+                    f"no {key} option"
+                )
             data_cfg[key] = cfg[key]
     data_cfg.eval_batch_size = batch_size
     datamodule = instantiate(data_cfg)
-    loader = datamodule._loader(datamodule.split(cfg.split), batch_size, shuffle=False)
+    loader = datamodule.eval_loader(cfg.split)
 
     torch.manual_seed(seed)  # the dequantization noise: same seed, same figure
     start = time.perf_counter()
