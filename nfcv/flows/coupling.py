@@ -69,7 +69,7 @@ class Coupling(Bijector):
         self.net = net(self.c1, self.params_per_element * self.c2)
 
     def _elementwise(self, v: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        """(T(v) or T^-1(v), log|dT/dv| elementwise, sign for the direction asked)."""
+        """T(v) (or T^-1(v) when `inverse`) and the elementwise log|det| of that same map."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def _params(self, cond: Tensor) -> Tensor:
