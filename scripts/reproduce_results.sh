@@ -5,7 +5,7 @@
 #   bash scripts/reproduce_results.sh [FASHION_MNIST_ROOT]
 set -euo pipefail
 fashion_root=${1:-../shared/data/fashion-mnist}
-echo "== machine: $(nproc) cores, torch threads: $(python -c 'import torch; print(torch.get_num_threads())')"
+echo "== machine: $(nproc) cores, torch threads: $(python3 -c 'import torch; print(torch.get_num_threads())')"
 echo "== default run: nfcv-train"
 /usr/bin/time -f "wall %e s" nfcv-train trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|wall"
 echo "== benchmark: Glow on Fashion-MNIST, 600 steps"
