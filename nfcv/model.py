@@ -61,6 +61,12 @@ class ImageFlow(nn.Module):
                 f"{tuple(out)}; ImageFlow needs a flat latent of shape ({self.dim},)"
             )
 
+    @property
+    def latent_sizes(self) -> list[int]:
+        """Sizes of the blocks of ``eps``, in order (first factored-out level first); a flow
+        without levels is one block of size D."""
+        return list(getattr(self.flow, "latent_sizes", [self.dim]))
+
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the model lives and its float dtype (follows `.to()`, `.double()`, ...)."""
         return self._probe.device, self._probe.dtype

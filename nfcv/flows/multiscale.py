@@ -162,11 +162,11 @@ class MultiScale(Bijector):
                 self.factored_shapes.append((out[0] - keep, *out[1:]))
                 shape = (keep, *out[1:])
             self.levels.append(body)
-        self._sizes = [math.prod(s) for s in self.factored_shapes]
+        self.latent_sizes = [math.prod(s) for s in self.factored_shapes]
 
     @property
     def latent_dim(self) -> int:
-        return sum(self._sizes)
+        return sum(self.latent_sizes)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         total = zero_logdet(x)
@@ -182,7 +182,7 @@ class MultiScale(Bijector):
         return torch.cat(outs, dim=1), total
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        parts = torch.split(z, self._sizes, dim=1)
+        parts = torch.split(z, self.latent_sizes, dim=1)
         b = z.shape[0]
         total = zero_logdet(z)
         x = parts[-1].reshape(b, *self.factored_shapes[-1])
