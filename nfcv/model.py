@@ -8,18 +8,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from nfcv.dequant import Dequantizer, UniformDequantization
+from nfcv.dequant import Dequantizer, UniformDequantization, standard_normal_log_prob
 from nfcv.errors import DataRangeError
 from nfcv.flows.base import Bijector
 
-LOG_2PI = math.log(2 * math.pi)
 # Importance samples evaluated in one pass of bits_per_dim(k > 1): bounds memory for large k.
 MAX_IMAGES_PER_PASS = 1024
-
-
-def standard_normal_log_prob(eps: Tensor) -> Tensor:
-    """log N(eps; 0, I) summed per sample, eps of shape (B, D)."""
-    return -0.5 * (eps.pow(2).sum(dim=1) + eps.shape[1] * LOG_2PI)
 
 
 class ImageFlow(nn.Module):

@@ -4,44 +4,70 @@
 from nfcv.flows.actnorm import ActNorm
 from nfcv.flows.autoregressive import MaskedAffineAutoregressive
 from nfcv.flows.base import Bijector, Flatten, Sequential
-from nfcv.flows.conv1x1 import InvConv1x1, InvConv1x1LU, Triangular1x1
+from nfcv.flows.conv1x1 import BlockInvConv1x1, InvConv1x1, InvConv1x1LU, Triangular1x1
 from nfcv.flows.coupling import (
     AdditiveCoupling,
     AffineCoupling,
     MixLogCDFCoupling,
     SplineCoupling,
 )
-from nfcv.flows.elementwise import Shift
+from nfcv.flows.elementwise import LogisticToNormal, Logit, Shift, Sigmoid
 from nfcv.flows.ffjord import FFJORD
 from nfcv.flows.hint import HINTCoupling
 from nfcv.flows.linear import DiagAffine, PeriodicConv
-from nfcv.flows.multiscale import LearnedPrior, MultiScale, SplitPrior, Squeeze
-from nfcv.flows.nets import GlowNet, ZeroConv2d
+from nfcv.flows.multiscale import (
+    ColumnMerge,
+    ColumnSplit,
+    LearnedPrior,
+    Levels,
+    MultiScale,
+    SplitPrior,
+    Squeeze,
+    SwapHalves,
+)
+from nfcv.flows.nets import MLP, FlowppNet, GlowNet, ResNetNet, ZeroConv2d
 from nfcv.flows.permute import ChannelPermutation
+from nfcv.flows.presets import NICE, FlowPP, RealNVP, VectorAdditiveCoupling, VectorScale
 
 __all__ = [
-    "FFJORD",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
     "Bijector",
+    "BlockInvConv1x1",
     "ChannelPermutation",
+    "ColumnMerge",
+    "ColumnSplit",
     "DiagAffine",
+    "FFJORD",
     "Flatten",
+    "FlowPP",
+    "FlowppNet",
     "GlowNet",
     "HINTCoupling",
     "InvConv1x1",
     "InvConv1x1LU",
     "LearnedPrior",
+    "Levels",
+    "LogisticToNormal",
+    "Logit",
+    "MLP",
     "MaskedAffineAutoregressive",
     "MixLogCDFCoupling",
     "MultiScale",
+    "NICE",
     "PeriodicConv",
+    "RealNVP",
+    "ResNetNet",
     "Sequential",
     "Shift",
+    "Sigmoid",
     "SplineCoupling",
     "SplitPrior",
     "Squeeze",
+    "SwapHalves",
     "Triangular1x1",
+    "VectorAdditiveCoupling",
+    "VectorScale",
     "ZeroConv2d",
 ]

@@ -16,6 +16,10 @@ MIN_INIT_STD = 1e-6
 class ActNorm(Bijector):
     """Per-channel affine map ``z = (x + loc) * exp(log_scale)``.
 
+    With `spatial` (H, W) the map has its own loc and scale at every channel and position, with
+    statistics over the batch alone: Flow++'s data-initialised normalisation ("Norm",
+    arXiv:1902.00275 code), which fixes the input's height and width.
+
     `loc` and `log_scale` are initialised from the first batch seen in training mode so that each
     channel has mean 0 and standard deviation 1 there (data-dependent init). The `initialized`
     flag is a buffer, so a model rebuilt from a checkpoint never initialises again. Before
@@ -23,19 +27,23 @@ class ActNorm(Bijector):
     the identity. Under `torch.distributed` the statistics are all-reduced over the global batch.
     """
 
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, spatial: tuple[int, int] | list[int] | None = None):
         super().__init__()
         self.num_channels = num_channels
-        self.loc = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
-        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.spatial = None if spatial is None else tuple(int(s) for s in spatial)
+        h, w = self.spatial or (1, 1)
+        self.loc = nn.Parameter(torch.zeros(1, num_channels, h, w))
+        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, h, w))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        xd = x.detach().double().transpose(0, 1).reshape(self.num_channels, -1)
-        stats = torch.stack(
-            [xd.sum(1), (xd * xd).sum(1), xd.new_full((self.num_channels,), xd.shape[1])]
-        )
+        n = self.loc.numel()
+        if self.spatial is None:
+            xd = x.detach().double().transpose(0, 1).reshape(n, -1)
+        else:
+            xd = x.detach().double().reshape(x.shape[0], n).T
+        stats = torch.stack([xd.sum(1), (xd * xd).sum(1), xd.new_full((n,), xd.shape[1])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         total, total_sq, count = stats
@@ -48,8 +56,8 @@ class ActNorm(Bijector):
         self.initialized.fill_(True)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        hw = x.shape[2] * x.shape[3]
-        return (hw * self.log_scale.sum()).expand(x.shape[0])
+        positions = 1 if self.spatial is not None else x.shape[2] * x.shape[3]
+        return (positions * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not bool(self.initialized):
@@ -60,4 +68,10 @@ class ActNorm(Bijector):
         return z * torch.exp(-self.log_scale) - self.loc, -self._logdet(z)
 
     def output_shape(self, shape):
-        return check_channels(self, shape, self.num_channels)
+        shape = check_channels(self, shape, self.num_channels)
+        if self.spatial is not None and tuple(shape[1:]) != self.spatial:
+            raise ValueError(
+                f"ActNorm was built for {self.spatial[0]}x{self.spatial[1]} positions, got "
+                f"shape {tuple(shape)}"
+            )
+        return shape

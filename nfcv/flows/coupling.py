@@ -49,7 +49,14 @@ class Coupling(Bijector):
 
     params_per_element = 1
 
-    def __init__(self, num_channels: int, net: NetFactory, mask: str = "channel", parity: int = 0):
+    def __init__(
+        self,
+        num_channels: int,
+        net: NetFactory,
+        mask: str = "channel",
+        parity: int = 0,
+        net_kwargs: dict | None = None,
+    ):
         super().__init__()
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"mask must be 'channel' or 'checkerboard', got {mask!r}")
@@ -62,36 +69,44 @@ class Coupling(Bijector):
         self.mask = mask
         self.parity = int(parity) % 2
         if mask == "channel":
+            # parity 0 conditions on the first C // 2 channels, parity 1 on the last C // 2.
             self.c1 = num_channels // 2
             self.c2 = num_channels - self.c1
         else:
             self.c1 = self.c2 = num_channels
-        self.net = net(self.c1, self.params_per_element * self.c2)
+        # `net_kwargs` come from the assembler (e.g. the spatial size a network's position
+        # embedding needs); the config's own network arguments are bound in `net` already.
+        self.net = net(self.c1, self.params_per_element * self.c2, **(net_kwargs or {}))
 
     def _elementwise(self, v: Tensor, p: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """T(v) (or T^-1(v) when `inverse`) and the elementwise log|det| of that same map."""
         raise NotImplementedError  # pragma: no cover - interface
 
-    def _params(self, cond: Tensor) -> Tensor:
-        h = self.net(cond)
+    def _params(self, cond: Tensor, context: Tensor | None) -> Tensor:
+        h = self.net(cond) if context is None else self.net(cond, context)
         b, _, height, width = h.shape
         return h.view(b, self.c2, self.params_per_element, height, width).permute(0, 1, 3, 4, 2)
 
-    def _couple(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _couple(self, x: Tensor, inverse: bool, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.mask == "channel":
-            xa, xb = x[:, : self.c1], x[:, self.c1 :]
-            yb, logdet = self._elementwise(xb, self._params(xa), inverse)
-            return torch.cat([xa, yb], dim=1), sum_except_batch(logdet)
+            if self.parity == 0:
+                xa, xb = x[:, : self.c1], x[:, self.c1 :]
+            else:
+                xb, xa = x[:, : self.c2], x[:, self.c2 :]
+            yb, logdet = self._elementwise(xb, self._params(xa, context), inverse)
+            y = torch.cat([xa, yb] if self.parity == 0 else [yb, xa], dim=1)
+            return y, sum_except_batch(logdet)
         m = checkerboard(x.shape[2], x.shape[3], self.parity, x)
-        y, logdet = self._elementwise(x, self._params(x * m), inverse)
+        y, logdet = self._elementwise(x, self._params(x * m, context), inverse)
         keep = m.bool()
         return torch.where(keep, x, y), sum_except_batch(torch.where(keep, 0.0, logdet))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._couple(x, inverse=False)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`context`: an extra input of the network (conditional flows), or None."""
+        return self._couple(x, inverse=False, context=context)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self._couple(z, inverse=True)
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._couple(z, inverse=True, context=context)
 
     def output_shape(self, shape):
         return check_channels(self, shape, self.num_channels)
@@ -106,14 +121,38 @@ class AdditiveCoupling(Coupling):
 
 
 class AffineCoupling(Coupling):
-    """Glow's affine coupling ``T(v) = (v + t) * s`` with ``s = sigmoid(h + 2)``.
+    """Affine coupling with a bounded scale, in one of two published forms:
 
-    log s is computed as logsigmoid, so it stays finite for any network output.
+    - ``scale="sigmoid"`` (Glow): ``T(v) = (v + t) * s`` with ``s = sigmoid(h + 2)``; log s is
+      computed as logsigmoid, so it stays finite for any network output.
+    - ``scale="tanh"`` (RealNVP, arXiv:1605.08803, section 4.1): ``T(v) = v * exp(s) + t`` with
+      ``s = gamma * tanh(h)`` and a learned per-channel gamma (starting at 1).
     """
 
     params_per_element = 2
 
+    def __init__(
+        self,
+        num_channels: int,
+        net: NetFactory,
+        mask: str = "channel",
+        parity: int = 0,
+        scale: str = "sigmoid",
+        net_kwargs: dict | None = None,
+    ):
+        if scale not in ("sigmoid", "tanh"):
+            raise ValueError(f"scale must be 'sigmoid' (Glow) or 'tanh' (RealNVP), got {scale!r}")
+        super().__init__(num_channels, net, mask, parity, net_kwargs)
+        self.scale = scale
+        if scale == "tanh":
+            self.gamma = nn.Parameter(torch.ones(1, self.c2, 1, 1))
+
     def _elementwise(self, v, p, inverse):
+        if self.scale == "tanh":
+            shift, log_s = p[..., 0], self.gamma * torch.tanh(p[..., 1])
+            if inverse:
+                return (v - shift) * torch.exp(-log_s), -log_s
+            return v * torch.exp(log_s) + shift, log_s
         shift, log_s = p[..., 0], F.logsigmoid(p[..., 1] + SIGMOID_SCALE_SHIFT)
         if inverse:
             return v * torch.exp(-log_s) - shift, -log_s
@@ -136,13 +175,14 @@ class SplineCoupling(Coupling):
         bound: float = 3.0,
         mask: str = "channel",
         parity: int = 0,
+        net_kwargs: dict | None = None,
     ):
         if num_bins < 2:
             raise ValueError(f"num_bins must be >= 2, got {num_bins}")
         self.params_per_element = 3 * num_bins - 1
         self.num_bins = num_bins
         self.bound = float(bound)
-        super().__init__(num_channels, net, mask, parity)
+        super().__init__(num_channels, net, mask, parity, net_kwargs)
 
     def _elementwise(self, v, p, inverse):
         k = self.num_bins
@@ -168,13 +208,14 @@ class MixLogCDFCoupling(Coupling):
         tol: float = 1e-6,
         mask: str = "channel",
         parity: int = 0,
+        net_kwargs: dict | None = None,
     ):
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
         self.params_per_element = 3 * num_components + 2
         self.num_components = num_components
         self.tol = tol
-        super().__init__(num_channels, net, mask, parity)
+        super().__init__(num_channels, net, mask, parity, net_kwargs)
 
     def _elementwise(self, v, p, inverse):
         k = self.num_components
