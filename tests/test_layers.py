@@ -9,21 +9,36 @@ import torch
 
 import nfcv
 from nfcv.flows import (
+    MLP,
+    NICE,
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    BlockInvConv1x1,
+    ColumnMerge,
+    ColumnSplit,
     Flatten,
+    FlowPP,
+    FlowppNet,
     GlowNet,
     InvConv1x1LU,
     LearnedPrior,
+    LogisticToNormal,
+    Logit,
     MixLogCDFCoupling,
     MultiScale,
+    RealNVP,
+    ResNetNet,
     Sequential,
     Shift,
+    Sigmoid,
     SplineCoupling,
     SplitPrior,
     Squeeze,
+    SwapHalves,
     Triangular1x1,
+    VectorAdditiveCoupling,
+    VectorScale,
 )
 
 NET = functools.partial(GlowNet, hidden_channels=6)
@@ -41,6 +56,26 @@ def _actnorm(c):
     layer = ActNorm(c)
     layer.initialize(torch.randn(8, c, 4, 4) * 3 + 1)
     return _perturb(layer, 0.1)
+
+
+RESNET = functools.partial(ResNetNet, hidden_channels=4, num_blocks=1)
+FLOWPP_NET = functools.partial(FlowppNet, hidden_channels=8, num_blocks=1, heads=2)
+
+
+def _actnorm_per_position(c, spatial):
+    layer = ActNorm(c, spatial=spatial)
+    layer.initialize(torch.randn(8, c, *spatial) * 3 + 1)
+    return _perturb(layer, 0.1)
+
+
+def _flowpp(shape, scales=((0, 1), (1, 1)), factor_out=False):
+    coupling = functools.partial(MixLogCDFCoupling, net=FLOWPP_NET, num_components=3, tol=1e-12)
+    flow = FlowPP(shape, coupling, scales=scales, factor_out=factor_out)
+    for m in flow.modules():
+        if isinstance(m, ActNorm):
+            c, h, w = m.num_channels, *m.spatial
+            m.initialize(torch.randn(8, c, h, w) * 2 + 0.5)
+    return flow
 
 
 def _glow_step(c):
@@ -118,8 +153,52 @@ LAYERS.update(
         "glow_step": (lambda c: _perturb(_glow_step(c), 0.05), (4, 2, 2)),
         "multiscale": (lambda c: _perturb(_multiscale(c), 0.05), (1, 4, 4)),
         "flatten": (lambda c: Flatten((2, 3, 3)), (2, 3, 3)),
+        # The pieces of the NICE, RealNVP and Flow++ presets, and the presets' assemblers.
+        "logit": (lambda c: Logit(0.05), (2, 3, 3)),
+        "sigmoid": (lambda c: Sigmoid(), (2, 3, 3)),
+        "logistic_to_normal": (lambda c: LogisticToNormal(), (2, 3, 3)),
+        "actnorm_per_position": (lambda c: _actnorm_per_position(c, (3, 2)), (2, 3, 2)),
+        "block_invconv": (lambda c: _perturb(BlockInvConv1x1(c, groups=2)), (4, 2, 2)),
+        "column_split": (lambda c: ColumnSplit(), (2, 3, 4)),
+        "column_merge": (lambda c: ColumnMerge(), (4, 3, 2)),
+        "swap_halves_odd": (lambda c: SwapHalves(), (3, 2, 2)),
+        "squeeze_depth_order": (lambda c: Squeeze(order="depth"), (2, 4, 4)),
+        "affine_tanh_checkerboard": (
+            lambda c: _perturb(AffineCoupling(c, RESNET, mask="checkerboard", scale="tanh")),
+            (2, 4, 4),
+        ),
+        "affine_tanh_channel_parity1": (
+            lambda c: _perturb(AffineCoupling(c, RESNET, parity=1, scale="tanh")),
+            (3, 2, 2),
+        ),
+        "mixlogcdf_flowpp_net": (
+            lambda c: _perturb(
+                MixLogCDFCoupling(c, FLOWPP_NET, 3, 1e-12, net_kwargs={"spatial": (2, 2)}), 0.05
+            ),
+            (4, 2, 2),
+        ),
+        "vector_additive_coupling": (
+            lambda c: _perturb(VectorAdditiveCoupling(5, functools.partial(MLP, hidden=6))),
+            (5,),
+        ),
+        "vector_scale": (lambda c: _perturb(VectorScale(5)), (5,)),
+        "nice": (lambda c: _perturb(NICE((1, 2, 3), functools.partial(MLP, hidden=6))), (1, 2, 3)),
+        "realnvp": (
+            lambda c: _perturb(
+                RealNVP((1, 4, 4), functools.partial(AffineCoupling, net=RESNET, scale="tanh")),
+                0.05,
+            ),
+            (1, 4, 4),
+        ),
+        "flowpp": (lambda c: _perturb(_flowpp((2, 4, 4)), 0.05), (2, 4, 4)),
+        "flowpp_factor_out": (
+            lambda c: _perturb(_flowpp((2, 4, 4), scales=[[0, 1], [1, 1]], factor_out=True), 0.05),
+            (2, 4, 4),
+        ),
     }
 )
+# Layers defined on part of the real line get inputs there: randn mapped by these.
+INPUTS = {"logit": torch.sigmoid}
 
 
 def _build(name: str, dtype: torch.dtype):
@@ -128,10 +207,14 @@ def _build(name: str, dtype: torch.dtype):
     return layer, shape
 
 
+def _inputs(name: str, n: int, shape, dtype) -> torch.Tensor:
+    return INPUTS.get(name, lambda v: v)(torch.randn(n, *shape, dtype=dtype))
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_shape_and_inverse_float64(name):
     layer, shape = _build(name, torch.float64)
-    x = torch.randn(3, *shape, dtype=torch.float64)
+    x = _inputs(name, 3, shape, torch.float64)
     z, logdet = layer(x)
     assert tuple(z.shape[1:]) == layer.output_shape(shape)
     assert logdet.shape == (3,)
@@ -144,7 +227,7 @@ def test_shape_and_inverse_float64(name):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_inverse_float32(name):
     layer, shape = _build(name, torch.float32)
-    x = torch.randn(3, *shape)
+    x = _inputs(name, 3, shape, torch.float32)
     z, _ = layer(x)
     x_rec, _ = layer.inverse(z)
     torch.testing.assert_close(x_rec, x, atol=TOLERANCES.get(name, EXACT)[1], rtol=0)
@@ -153,7 +236,7 @@ def test_inverse_float32(name):
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_logdet_matches_brute_force_jacobian(name):
     layer, shape = _build(name, torch.float64)
-    x = torch.randn(2, *shape, dtype=torch.float64)
+    x = _inputs(name, 2, shape, torch.float64)
     _, logdet = layer(x)
     for i in range(2):
         jac = torch.autograd.functional.jacobian(
@@ -214,7 +297,7 @@ def test_affine_coupling_stays_finite_for_extreme_net_outputs():
 
 
 def test_shapes_are_checked_at_build_time():
-    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*2\*\*levels = 8"):
+    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*2\*\*3 = 8 for levels=3"):
         _multiscale_levels((1, 12, 12), 3)
     with pytest.raises(ValueError, match=r"built for \(C=3, H, W\).*\(4, 2, 2\)"):
         Sequential([ActNorm(3)]).output_shape((4, 2, 2))

@@ -85,7 +85,7 @@ def test_sample_shapes_range_and_temperature():
 
 def test_image_size_not_divisible_names_both_shapes():
     cfg = nfcv.compose(["model=glow", "data=digits", "model.levels=4"])
-    with pytest.raises(ConfigError, match=r"\(1, 8, 8\).*2\*\*levels = 16"):
+    with pytest.raises(ConfigError, match=r"\(1, 8, 8\).*2\*\*4 = 16 for levels=4"):
         nfcv.build_model(cfg)
 
 

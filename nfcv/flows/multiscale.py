@@ -250,7 +250,7 @@ def check_divisible(image_shape: Sequence[int], squeezes: int, what: str) -> Non
     if h % factor or w % factor:
         raise ValueError(
             f"image shape {tuple(image_shape)}: height {h} and width {w} must be divisible by "
-            f"{factor} for {what}; use fewer levels or resize the data"
+            f"2**{squeezes} = {factor} for {what}; use fewer levels or resize the data"
         )
 
 

@@ -51,16 +51,16 @@ class VectorAdditiveCoupling(Bijector):
         self.register_buffer("change", change, persistent=False)
         self.net = net(len(keep), len(change))
 
-    def _apply(self, x: Tensor, sign: float) -> Tensor:
+    def _couple(self, x: Tensor, sign: float) -> Tensor:
         y = x.clone()
         y[:, self.change] = x[:, self.change] + sign * self.net(x[:, self.keep])
         return y
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(x, 1.0), zero_logdet(x)
+        return self._couple(x, 1.0), zero_logdet(x)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(z, -1.0), zero_logdet(z)
+        return self._couple(z, -1.0), zero_logdet(z)
 
     def output_shape(self, shape: Shape) -> Shape:
         return _check_dim(self, shape, self.dim)
