@@ -146,22 +146,46 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> ImageFlow:
+def load(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    ema: bool | None = None,
+) -> ImageFlow:
     """Rebuild a trained `ImageFlow` from a checkpoint alone, in eval mode.
 
-    The returned model has a ``config`` attribute holding the resolved train config.
+    `ema`: None (default) loads the exponential moving average of the weights when the checkpoint
+    has one (trained with ``ema.decay``) and the trained weights otherwise; True insists on the
+    average (a `CheckpointError` without it); False loads the trained weights.
+
+    The returned model has a ``config`` attribute holding the resolved train config and a
+    ``uses_ema`` attribute saying which weights it holds.
     """
     ckpt = read_checkpoint(path)
     check_targets(ckpt["hyper_parameters"]["cfg"], str(path))
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    has_ema = ckpt.get("ema_state_dict") is not None
+    if ema is None:
+        ema = has_ema
+    elif ema and not has_ema:
+        raise CheckpointError(
+            f"{path} has no EMA weights (it was trained without ema.decay, or saved before the "
+            "first step): load it with ema=false"
+        )
     model = build_model(cfg)
-    prefix = "model."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if ema:
+        state = ckpt["ema_state_dict"]
+    else:
+        prefix = "model."
+        state = {
+            k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
+        }
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
+        which = "EMA weights" if ema else "weights"
         raise CheckpointError(
-            f"the weights in {path} do not match the model its config describes: {err}"
+            f"the {which} in {path} do not match the model its config describes: {err}"
         ) from err
     model.config = cfg
+    model.uses_ema = bool(ema)
     return model.to(map_location).eval()

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 
 from nfcv import __version__
 from nfcv.api import build_model
+from nfcv.ema import EMA
 from nfcv.errors import ConfigError
+from nfcv.model import ImageFlow
 
 
 def lr_factor(warmup_steps: int, decay: str = "none", total_steps: int = 0):
@@ -37,6 +39,10 @@ class FlowModule(L.LightningModule):
 
     `cfg` is the resolved train config (``OmegaConf.to_container(cfg, resolve=True)``), so
     `nfcv.load` rebuilds the model from the checkpoint alone.
+
+    With ``ema.decay`` set, an `EMA` of the weights is updated after every optimizer step, saved
+    in checkpoints and restored on resume; validation, test, the sample grids and samples.png use
+    it (`eval_model`), as nfcv-eval and nfcv-sample do by default.
     """
 
     def __init__(self, cfg: dict[str, Any], data_info: dict[str, Any] | None = None):
@@ -46,10 +52,17 @@ class FlowModule(L.LightningModule):
         )
         self.cfg = OmegaConf.create(cfg)
         self.model = build_model(self.cfg)
+        decay = (self.cfg.get("ema") or {}).get("decay")
+        self.ema = EMA(decay, lambda: build_model(self.cfg)) if decay is not None else None
 
-    def _bpd(self, batch, check: bool = True) -> torch.Tensor:
+    def eval_model(self) -> ImageFlow:
+        """The weights to evaluate and sample: the EMA once it exists, else the trained ones."""
+        averaged = self.ema.averaged(self.model) if self.ema is not None else None
+        return averaged if averaged is not None else self.model
+
+    def _bpd(self, batch, check: bool = True, model: ImageFlow | None = None) -> torch.Tensor:
         x, _ = batch
-        return self.model.bits_per_dim(x, check=check)
+        return (model if model is not None else self.model).bits_per_dim(x, check=check)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # The data module validated every pixel at setup; re-check the first batch only (the range
@@ -58,13 +71,29 @@ class FlowModule(L.LightningModule):
         self.log("train/bpd", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        bpd = self._bpd(batch)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after each optimizer step (also under gradient accumulation), before any
+        # callback's on_train_batch_end looks at the weights.
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        bpd = self._bpd(batch, model=self.eval_model())
         self.log("val/bpd", bpd.mean(), prog_bar=True, batch_size=bpd.shape[0], sync_dist=True)
+        return bpd.detach()  # per-image values, for callbacks (the val bpd histogram)
 
     def test_step(self, batch, batch_idx: int) -> None:
-        bpd = self._bpd(batch)
+        bpd = self._bpd(batch, model=self.eval_model())
         self.log("test/bpd", bpd.mean(), batch_size=bpd.shape[0], sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            self.ema.restore(checkpoint)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Logged before clipping (Lightning clips after this hook): the norm the clip acts on.
