@@ -1,7 +1,14 @@
-"""nfcv-eval: bits per dim of a checkpoint over a whole data split, with its standard error."""
+"""nfcv-eval: bits per dim of one or more checkpoints over a whole data split.
+
+For each checkpoint: the mean bits per dim with its standard error, the breakdown into latent
+levels, log-determinant and dequantization (`nfcv.evaluate`), optionally one CSV row per image;
+for several checkpoints also one comparison table, with each one's difference from the first
+and the paired standard error of that difference (same images, same noise).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -9,81 +16,186 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from omegaconf import DictConfig
 
 import nfcv
-from nfcv.cli.common import checkpoint_arg, device_arg, int_arg
-from nfcv.errors import ConfigError, DataError, user_errors
-from nfcv.model import ImageFlow
+from nfcv.cli.common import (
+    checkpoints_arg,
+    data_module,
+    device_arg,
+    ema_arg,
+    int_arg,
+)
+from nfcv.errors import ConfigError, user_errors
+from nfcv.evaluate import SplitEvaluation, evaluate_split
+from nfcv.runs import run_dir_of, run_label
 
 
-@torch.no_grad()
-def per_image_bpd(
-    model: ImageFlow,
-    loader,
-    k: int = 1,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-) -> torch.Tensor:
-    """Bits per dim of every image the loader yields, float64, in loader order."""
-    values = []
-    for x, _ in tqdm(loader, desc="eval", unit="batch", disable=not progress):
-        bpd = model.bits_per_dim(x.to(device), k=k).double().cpu()
-        bad = torch.nonzero(~torch.isfinite(bpd)).flatten()
-        if len(bad):
-            first = sum(len(v) for v in values) + int(bad[0])
-            raise DataError(f"bits per dim is not finite for image {first} of the split")
-        values.append(bpd)
-    return torch.cat(values)
+def _default_json(ckpt: Path, split: str, data_name: str | None) -> Path:
+    tag = f"{data_name}-{split}" if data_name else split
+    return ckpt.with_name(f"{ckpt.stem}.eval-{tag}.json")
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    ckpt = checkpoint_arg(cfg)
+def write_per_image_csv(path: Path, result: SplitEvaluation) -> None:
+    """One row per image: index in the split, label (empty without one), bits per dim.
+
+    Values are written with ``repr`` (all 17 digits), so the mean of the column is the reported
+    bits per dim to float64 rounding.
+    """
+    labels = result.labels.tolist() if result.labels is not None else None
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "label", "bpd"])
+        for i, value in enumerate(result.bpd.tolist()):
+            writer.writerow([i, "" if labels is None else labels[i], repr(value)])
+
+
+def format_breakdown(rows: list[dict], total: float) -> str:
+    """The breakdown as an aligned text table, its parts summing to `total`."""
+    width = max(len(r["part"]) for r in rows) + 2
+    lines = [f"  {'part':<{width}}{'dims':>8}{'bits/dim':>11}{'bits/own dim':>14}"]
+    for r in rows:
+        dims = str(r.get("dims", ""))
+        own = f"{r['bits_per_own_dim']:.4f}" if "bits_per_own_dim" in r else ""
+        lines.append(f"  {r['part']:<{width}}{dims:>8}{r['bpd']:>11.4f}{own:>14}")
+    lines.append(f"  {'total':<{width}}{'':>8}{total:>11.4f}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, SplitEvaluation]:
+    """Evaluate one checkpoint as `cfg` says; returns its JSON record and per-image results."""
     device = device_arg(cfg.device)
     k, batch_size, seed = int_arg(cfg, "k"), int_arg(cfg, "batch_size"), int_arg(cfg, "seed", 0)
-    model = nfcv.load(ckpt, map_location=device)
-    data_cfg = OmegaConf.create(OmegaConf.to_container(model.config.data))
-    for key in ("root", "download"):
-        if cfg.get(key) is not None:
-            if key not in data_cfg:
-                raise ConfigError(
-                    f"{key}= does not apply: the checkpoint's data ({data_cfg.get('name')}) has "
-                    f"no {key} option"
-                )
-            data_cfg[key] = cfg[key]
-    data_cfg.eval_batch_size = batch_size
-    datamodule = instantiate(data_cfg)
+    model = nfcv.load(ckpt, map_location=device, ema=ema_arg(cfg))
+    datamodule = data_module(cfg, model, batch_size=batch_size)
     loader = datamodule.eval_loader(cfg.split)
 
-    torch.manual_seed(seed)  # the dequantization noise: same seed, same figure
+    # The dequantization noise comes from the global RNG: the same seed gives the same figure,
+    # and every checkpoint of a comparison sees the same noise stream. Seeded after the loader's
+    # iterator exists (making it draws a worker seed), so the figure is exactly that of
+    # ``torch.manual_seed(seed)`` then `bits_per_dim` over the batches in order.
+    batches = iter(loader)
+    torch.manual_seed(seed)
     start = time.perf_counter()
-    bpd = per_image_bpd(model, loader, k=k, device=device, progress=bool(cfg.progress))
-    n = bpd.numel()
-    result = {
+    result = evaluate_split(
+        model,
+        batches,
+        k=k,
+        device=device,
+        progress=bool(cfg.progress),
+        total=len(loader.dataset),
+        desc=label[:40],
+    )
+    record = {
         "checkpoint": str(ckpt),
+        "label": label,
         "model": model.config.model.get("name"),
+        "trained_on": model.config.data.get("name"),
         "data": datamodule.describe(),
         "split": cfg.split,
-        "num_images": n,
+        "num_images": result.num_images,
         "k": k,
         "seed": seed,
-        "bpd": bpd.mean().item(),
-        "bpd_stderr": (bpd.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan,
+        "ema": model.uses_ema,
+        "bpd": result.mean(),
+        "bpd_stderr": result.stderr(),
+        "breakdown": result.breakdown(),
         "seconds": round(time.perf_counter() - start, 2),
         "nfcv_version": nfcv.__version__,
     }
-    out = Path(cfg.out) if cfg.out else ckpt.with_name(f"{ckpt.stem}.eval-{cfg.split}.json")
+    return record, result
+
+
+def _paired(a: SplitEvaluation, b: SplitEvaluation) -> tuple[float, float]:
+    """Mean of b - a over the same images and its standard error."""
+    diff = b.bpd - a.bpd
+    n = diff.numel()
+    se = (diff.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan
+    return diff.mean().item(), se
+
+
+def comparison_table(records: list[dict], results: list[SplitEvaluation]) -> list[dict]:
+    """One row per checkpoint; the difference from the first where both scored the same
+    images (same data, split and count)."""
+    rows = []
+    for i, (rec, res) in enumerate(zip(records, results, strict=True)):
+        row = {
+            "index": i,
+            "label": rec["label"],
+            "checkpoint": rec["checkpoint"],
+            "model": rec["model"],
+            "data": rec["data"]["name"],
+            "ema": rec["ema"],
+            "bpd": rec["bpd"],
+            "bpd_stderr": rec["bpd_stderr"],
+        }
+        first = records[0]
+        same = (rec["data"]["name"], rec["num_images"]) == (
+            first["data"]["name"],
+            first["num_images"],
+        )
+        if i > 0 and same:
+            row["diff_vs_first"], row["diff_stderr"] = _paired(results[0], res)
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    width = min(60, max(len(r["label"]) for r in rows)) + 2
+    head = f"  {'#':<3}{'run':<{width}}{'model':<8}{'data':<15}{'ema':<5}"
+    lines = [head + f"{'bpd':>9}{'+/-':>9}{'diff vs #0':>12}{'+/-':>9}"]
+    for r in rows:
+        diff = ""
+        if "diff_vs_first" in r:
+            diff = f"{r['diff_vs_first']:>+12.4f}{r['diff_stderr']:>9.4f}"
+        lines.append(
+            f"  {r['index']:<3}{r['label'][: width - 2]:<{width}}{str(r['model']):<8}"
+            f"{r['data']:<15}{'yes' if r['ema'] else 'no':<5}{r['bpd']:>9.4f}"
+            f"{r['bpd_stderr']:>9.4f}{diff}"
+        )
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run nfcv-eval; returns what it wrote as JSON (one checkpoint's record, or with several,
+    ``{"comparison": rows, "results": records}``)."""
+    ckpts = checkpoints_arg(cfg)
+    if cfg.split not in ("train", "val", "test"):
+        raise ConfigError(f"unknown split={cfg.split!r}: use train, val or test")
+    data_name = cfg.data.get("name") if cfg.get("data") is not None else None
+    labels = [f"{run_label(run_dir_of(c))} [{c.stem}]" for c in ckpts]
+    records, results = [], []
+    for ckpt, label in zip(ckpts, labels, strict=True):
+        record, result = evaluate_checkpoint(cfg, ckpt, label)
+        out = _default_json(ckpt, cfg.split, data_name)
+        if len(ckpts) == 1 and cfg.out:
+            out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.per_image:
+            csv_path = out.with_suffix(".csv")
+            write_per_image_csv(csv_path, result)
+            record["per_image_csv"] = str(csv_path)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        records.append(record)
+        results.append(result)
+        weights = "EMA weights" if record["ema"] else "weights"
+        print(
+            f"nfcv: {record['model']} ({weights} of {ckpt}) on {record['data']['name']} "
+            f"{cfg.split} ({record['num_images']} images, k={record['k']}): "
+            f"{record['bpd']:.4f} +/- {record['bpd_stderr']:.4f} bits/dim\n"
+            f"{format_breakdown(record['breakdown'], record['bpd'])}\n"
+            f"  json: {out}" + (f"\n  csv:  {record['per_image_csv']}" if cfg.per_image else "")
+        )
+    if len(ckpts) == 1:
+        return records[0]
+    rows = comparison_table(records, results)
+    summary = {"split": cfg.split, "k": records[0]["k"], "comparison": rows, "results": records}
+    tag = f"{data_name}-{cfg.split}" if data_name else cfg.split
+    out = Path(cfg.out) if cfg.out else Path(f"nfcv-eval-{tag}-comparison.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"nfcv: {result['model']} on {result['data']['name']} {cfg.split} "
-        f"({n} images, k={result['k']}): {result['bpd']:.4f} +/- {result['bpd_stderr']:.4f} "
-        "bits/dim"
-        f"\n  json: {out}"
-    )
-    return result
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nnfcv: {len(ckpts)} checkpoints\n{format_comparison(rows)}\n  json: {out}")
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="pkg://nfcv.configs", config_name="eval")

@@ -1,0 +1,184 @@
+"""Bits per dim over a data split: per image, importance weighted, and split into its parts.
+
+For one dequantization sample u of an integer image x (DESIGN.md's formula), with ``eps`` the
+latent of ``y = (x + u) / num_bins`` cut into the blocks of ``model.latent_sizes``:
+
+    bpd(x) = sum_l -log N(eps_l; 0, I) / (D ln 2)   latent blocks, first factored-out level first
+           + -log|det d eps / dy|      / (D ln 2)   the bijection (preprocessing and priors too)
+           + log q(u | x)              / (D ln 2)   dequantization (0 for uniform noise)
+           + log2(num_bins)                         discretization: bins are 1/num_bins wide
+
+Every part comes from the same forward pass as the total, so they add up to it exactly. With k
+samples the total is ``-(logsumexp_k log w_k - log k) / (D ln 2)``; the parts are then averaged
+over the k samples and one more part, "importance weighting", is the total minus that average:
+never positive (Jensen: the log of a mean is at least the mean of the logs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from nfcv.errors import DataError
+from nfcv.model import MAX_IMAGES_PER_PASS, ImageFlow
+
+LOG_2PI = math.log(2 * math.pi)
+LOGDET = "log-determinant"
+DEQUANT = "dequantization log q(u|x)"
+DISCRETE = "discretization log2(num_bins)"
+IMPORTANCE = "importance weighting"
+
+
+def latent_names(model: ImageFlow) -> list[str]:
+    """Names of the latent blocks in `model.latent_sizes` order."""
+    sizes = model.latent_sizes
+    if len(sizes) == 1:
+        return ["latent"]
+    names = [f"latent level {i + 1}" for i in range(len(sizes) - 1)]
+    return [*names, f"latent level {len(sizes)} (top)"]
+
+
+def model_dtype(model: ImageFlow) -> torch.dtype:
+    """The model's float dtype (its first float parameter or buffer), which noise must match."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
+
+
+@torch.no_grad()
+def bits_per_dim_parts(
+    model: ImageFlow, x_int: Tensor, k: int = 1, check: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bits per dim of integer images with `k` dequantization samples, and its parts.
+
+    Returns ``(total, parts)``: float64 tensors of shape (B,) on the model's device, with
+    ``sum(parts.values()) == total`` up to float64 rounding. The noise is drawn exactly as
+    `ImageFlow.bits_per_dim(x_int, k)` draws it (same passes, same order), so from the same
+    random state both give the same total (up to float32 rounding).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if x_int.dim() != 4 or tuple(x_int.shape[1:]) != model.image_shape:
+        raise ValueError(
+            f"expected images of shape (B, {', '.join(map(str, model.image_shape))}), "
+            f"got {tuple(x_int.shape)}"
+        )
+    if check:
+        model.check_range(x_int)
+    b, dim = x_int.shape[0], model.dim
+    to_bits = 1.0 / (dim * math.log(2))
+    sizes = model.latent_sizes
+    names = latent_names(model)
+    dtype = model_dtype(model)
+    x = x_int.to(dtype)
+    sums = {name: x.new_zeros(b, dtype=torch.float64) for name in [*names, LOGDET, DEQUANT]}
+    log_w = []
+    # The same chunking as ImageFlow.bits_per_dim: at most MAX_IMAGES_PER_PASS images per pass.
+    per_pass = 1 if k == 1 else max(1, MAX_IMAGES_PER_PASS // b)
+    for start in range(0, k, per_pass):
+        m = min(per_pass, k - start)
+        xs = x.repeat(m, 1, 1, 1) if m > 1 else x
+        y, log_q = model.dequantizer(xs, model.num_bins)
+        eps, logdet = model.transform(y)
+        eps, logdet, log_q = eps.double(), logdet.double(), log_q.double()
+        log_p = []
+        for name, block in zip(names, torch.split(eps, sizes, dim=1), strict=True):
+            lp = -0.5 * (block.pow(2).sum(1) + block.shape[1] * LOG_2PI)
+            sums[name] += -lp.view(m, b).sum(0) * to_bits
+            log_p.append(lp)
+        sums[LOGDET] += -logdet.view(m, b).sum(0) * to_bits
+        sums[DEQUANT] += log_q.view(m, b).sum(0) * to_bits
+        w = torch.stack(log_p).sum(0) + logdet - log_q - dim * math.log(model.num_bins)
+        log_w.append(w.view(m, b))
+    weights = torch.cat(log_w)  # (k, B), nats
+    parts = {name: value / k for name, value in sums.items()}
+    parts[DISCRETE] = torch.full_like(parts[LOGDET], math.log2(model.num_bins))
+    if k == 1:
+        total = -weights[0] * to_bits
+    else:
+        total = -(torch.logsumexp(weights, 0) - math.log(k)) * to_bits
+        parts[IMPORTANCE] = total - (-weights * to_bits).mean(0)
+    return total, parts
+
+
+@dataclass
+class SplitEvaluation:
+    """Per-image results over a split, in loader order (float64, on the CPU)."""
+
+    bpd: Tensor
+    parts: dict[str, Tensor]
+    labels: Tensor | None
+    latent_dims: dict[str, int] = field(default_factory=dict)  # latent part name -> its size
+
+    @property
+    def num_images(self) -> int:
+        return int(self.bpd.numel())
+
+    def mean(self) -> float:
+        return self.bpd.mean().item()
+
+    def stderr(self) -> float:
+        """Standard error of the mean over images (the spread of the data, not of the noise)."""
+        n = self.num_images
+        return (self.bpd.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else math.nan
+
+    def breakdown(self) -> list[dict]:
+        """One row per part: its mean bits per dim; latent blocks also per own dimension."""
+        rows = []
+        dim = sum(self.latent_dims.values())
+        for name, values in self.parts.items():
+            row = {"part": name, "bpd": values.mean().item()}
+            if name in self.latent_dims:
+                row["dims"] = self.latent_dims[name]
+                # The same bits spread over the block's own dimensions instead of all D.
+                row["bits_per_own_dim"] = row["bpd"] * dim / row["dims"]
+            rows.append(row)
+        return rows
+
+
+def evaluate_split(
+    model: ImageFlow,
+    batches: Iterable,
+    k: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "eval",
+) -> SplitEvaluation:
+    """Bits per dim and its parts for every image `batches` yields (``(images, labels)`` pairs).
+
+    Seed the global RNG first (``torch.manual_seed``) for a reproducible figure: the noise comes
+    from it. `total` (number of images) sizes the progress bar.
+    """
+    values, labels, parts = [], [], {}
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for batch in batches:
+            x, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
+            bpd, batch_parts = bits_per_dim_parts(model, x.to(device), k=k)
+            bpd = bpd.cpu()
+            bad = torch.nonzero(~torch.isfinite(bpd)).flatten()
+            if len(bad):
+                first = sum(len(v) for v in values) + int(bad[0])
+                raise DataError(
+                    f"bits per dim is not finite for image {first} of the split: the model "
+                    "gives it zero density (a diverged or damaged checkpoint?)"
+                )
+            values.append(bpd)
+            if y is not None and torch.is_tensor(y):
+                labels.append(y.cpu())
+            for name, v in batch_parts.items():
+                parts.setdefault(name, []).append(v.cpu())
+            bar.update(x.shape[0])
+    if not values:
+        raise DataError("the split has no images")
+    return SplitEvaluation(
+        bpd=torch.cat(values),
+        parts={name: torch.cat(v) for name, v in parts.items()},
+        labels=torch.cat(labels) if len(labels) == len(values) else None,
+        latent_dims=dict(zip(latent_names(model), model.latent_sizes, strict=True)),
+    )
