@@ -1,21 +1,44 @@
-"""nfcv-sample: draw a grid of samples from a checkpoint, one row per temperature."""
+"""nfcv-sample: pictures from a checkpoint.
+
+``mode=grid`` samples, one row per temperature (Glow's figure); ``interpolate`` the decoded
+latent path between real images; ``reconstruct`` real images beside decode(encode(x));
+``npz`` raw samples for downstream metrics.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import hydra
+import numpy as np
+import torch
 from omegaconf import DictConfig, ListConfig
 from torchvision.utils import save_image
 
 import nfcv
-from nfcv.cli.common import checkpoint_arg, device_arg, int_arg
+from nfcv.cli.common import (
+    checkpoints_arg,
+    choice_arg,
+    data_module,
+    device_arg,
+    ema_arg,
+    int_arg,
+)
 from nfcv.errors import ConfigError, user_errors
-from nfcv.grid import sample_grid
+from nfcv.grid import (
+    PATHS,
+    draw_samples,
+    interpolation_grid,
+    quantise,
+    reconstruction_grid,
+    sample_grid,
+)
+from nfcv.model import ImageFlow
+
+MODES = ("grid", "interpolate", "reconstruct", "npz")
 
 
-def sample(cfg: DictConfig) -> Path:
-    ckpt = checkpoint_arg(cfg)
+def _temperatures(cfg: DictConfig) -> list[float]:
     temps = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
     try:
         temps = [float(t) for t in temps]
@@ -23,13 +46,92 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(
             f"temperature must be a number or a list of numbers, got {temps}"
         ) from err
+    if not temps or any(t < 0 for t in temps):
+        raise ConfigError(f"temperature must be one or more numbers >= 0, got {temps}")
+    return temps
+
+
+def _index(cfg: DictConfig) -> list[int]:
+    values = list(cfg.index) if isinstance(cfg.index, ListConfig) else [cfg.index]
+    try:
+        return [int(i) for i in values]
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"index must be a list of image numbers, got {values}") from err
+
+
+def _real_images(cfg: DictConfig, model: ImageFlow, index: list[int]) -> torch.Tensor:
+    """Images `index` of split `cfg.split` of the checkpoint's data (or ``data=``)."""
+    dataset = data_module(cfg, model).split(str(cfg.split))
+    bad = [i for i in index if not 0 <= i < len(dataset)]
+    if bad:
+        raise ConfigError(
+            f"index {bad} out of range: the {cfg.split} split has {len(dataset)} images"
+        )
+    return torch.stack([dataset[i][0] for i in index])
+
+
+def _default_out(ckpt: Path, mode: str) -> Path:
+    suffix = {"grid": ".png", "npz": ".npz"}.get(mode, f".{mode}.png")
+    return ckpt.parent.parent / "samples" / f"{ckpt.stem}{suffix}"
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Run nfcv-sample; returns the path written."""
+    ckpts = checkpoints_arg(cfg)
+    if len(ckpts) != 1:
+        raise ConfigError(f"nfcv-sample takes one checkpoint, got {len(ckpts)}: {ckpts}")
+    ckpt = ckpts[0]
+    mode = choice_arg(cfg, "mode", MODES)
     n, nrow, seed = int_arg(cfg, "n"), int_arg(cfg, "nrow"), int_arg(cfg, "seed", minimum=0)
-    model = nfcv.load(ckpt, map_location=device_arg(cfg.device))
-    out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"
+    temps = _temperatures(cfg)
+    if mode == "interpolate":
+        steps = int_arg(cfg, "steps", minimum=2)
+        path = choice_arg(cfg, "path", PATHS)
+        index = _index(cfg)
+        if len(index) < 2:
+            raise ConfigError(
+                f"mode=interpolate needs at least 2 images, got index={index}: e.g. index=[0,1]"
+            )
+    batch_size = int_arg(cfg, "batch_size")
+    model = nfcv.load(ckpt, map_location=device_arg(cfg.device), ema=ema_arg(cfg))
+    out = Path(cfg.out) if cfg.out else _default_out(ckpt, mode)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid = sample_grid(model, temps, n, nrow=nrow, seed=seed)
-    save_image(grid, out)
-    print(f"nfcv: {n} samples per temperature {temps} -> {out}")
+    weights = " (EMA weights)" if model.uses_ema else ""
+
+    if mode == "grid":
+        save_image(sample_grid(model, temps, n, nrow=nrow, seed=seed), out)
+        print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
+    elif mode == "interpolate":
+        x = _real_images(cfg, model, index)
+        grid, error = interpolation_grid(model, x, steps=steps, path=path)
+        save_image(grid, out)
+        print(
+            f"nfcv: {path} interpolation through {cfg.split} images {index}, {steps} per "
+            f"segment{weights}; endpoints decode to the images to max abs error {error:.2e} "
+            f"-> {out}"
+        )
+    elif mode == "reconstruct":
+        x = _real_images(cfg, model, list(range(n)))
+        grid, error = reconstruction_grid(model, x, nrow=nrow)
+        save_image(grid, out)
+        print(
+            f"nfcv: {n} {cfg.split} images (rows) above decode(encode(x)){weights}: max abs "
+            f"error {error:.2e} -> {out}"
+        )
+    else:
+        images, temperature = draw_samples(model, temps, n, batch_size=batch_size, seed=seed)
+        levels = quantise(model, images)
+        np.savez_compressed(
+            out,
+            images=levels.numpy().astype(np.uint8 if model.num_bins <= 256 else np.uint16),
+            images_float=images.float().numpy(),
+            temperature=temperature.float().numpy(),
+            num_bins=np.int64(model.num_bins),
+        )
+        print(
+            f"nfcv: {len(images)} samples ({n} per temperature {temps}){weights}, "
+            f"shape {tuple(images.shape)}, levels 0..{model.num_bins - 1} -> {out}"
+        )
     return out
 
 
