@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torchvision.utils import save_image
 
 from nfcv.api import resolve
-from nfcv.callbacks import SampleGridLogger, TrainSpeed
+from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, ValBpdHistogram
 from nfcv.errors import user_errors
 from nfcv.grid import sample_grid
 from nfcv.lit import FlowModule
@@ -77,6 +77,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         speed,
         LearningRateMonitor(logging_interval="step"),
         SampleGridLogger(cfg.sample.every_n_steps, cfg.sample.temperatures, cfg.sample.per_row),
+        ReconstructionLogger(
+            cfg.sample.every_n_steps, cfg.sample.get("reconstructions", 8), cfg.sample.per_row
+        ),
+        ValBpdHistogram(),
     ]
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir)
@@ -93,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
     samples_path = run_dir / "samples.png"
     if trainer.is_global_zero:
-        grid = sample_grid(module.model, cfg.sample.temperatures, cfg.sample.per_row)
+        grid = sample_grid(module.eval_model(), cfg.sample.temperatures, cfg.sample.per_row)
         save_image(grid, samples_path)
     summary = {
         "test_bpd": test_bpd,
