@@ -256,3 +256,19 @@ def test_presets_train_checkpoint_and_reload(tmp_path, name):
     torch.testing.assert_close(again.bits_per_dim(x), a)
     y = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(loaded.inverse(loaded.transform(y)[0]), y, atol=1e-4, rtol=0)
+
+
+def test_nice_scaling_data_init_gives_unit_variance_and_survives_reload():
+    from nfcv.flows import VectorScale
+
+    layer = VectorScale(6, data_init=True)
+    x = torch.randn(256, 6) * torch.tensor([0.1, 1, 3, 10, 0.5, 0.0]) + 2
+    layer.train()
+    z, logdet = layer(x)
+    torch.testing.assert_close(z[:, :5].std(0), torch.ones(5, dtype=z.dtype), atol=1e-5, rtol=0)
+    assert layer.log_scale[5] == 0  # a constant dimension keeps scale 1
+    torch.testing.assert_close(logdet, layer.log_scale.sum().expand(256))
+    again = VectorScale(6, data_init=True)
+    again.load_state_dict(layer.state_dict())
+    again.train()
+    torch.testing.assert_close(again(x)[0], z)  # initialised already: no second init

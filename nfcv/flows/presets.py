@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from nfcv.flows.actnorm import ActNorm
+from nfcv.flows.actnorm import MIN_INIT_STD, ActNorm
 from nfcv.flows.base import Bijector, Flatten, Sequential, Shape, zero_logdet
 from nfcv.flows.conv1x1 import BlockInvConv1x1
 from nfcv.flows.elementwise import LogisticToNormal
@@ -68,14 +68,29 @@ class VectorAdditiveCoupling(Bijector):
 
 class VectorScale(Bijector):
     """NICE's diagonal scaling layer ``z = x * exp(s)`` (arXiv:1410.8516, section 3.3): one learned
-    log-scale per dimension, log-det ``sum(s)``. Starts as the identity."""
+    log-scale per dimension, log-det ``sum(s)``. Starts as the identity, or, with `data_init`,
+    at ``s = -log std`` of the first training batch (dimensions constant in that batch keep
+    s = 0), so the prior sees unit-variance inputs from the first step (Glow's ActNorm idea,
+    arXiv:1807.03039, section 3.1; not in NICE, which trains for thousands of epochs instead).
+    The `initialized` flag is a buffer, so a reloaded model never initialises again."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, data_init: bool = False):
         super().__init__()
         self.dim = dim
+        self.data_init = bool(data_init)
         self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("initialized", torch.tensor(not self.data_init))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        std = x.detach().double().std(dim=0) if x.shape[0] > 1 else torch.zeros(self.dim)
+        log_scale = torch.where(std > MIN_INIT_STD, -torch.log(std), torch.zeros_like(std))
+        self.log_scale.copy_(log_scale)
+        self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self.initialize(x)
         return x * torch.exp(self.log_scale), self.log_scale.sum().expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,7 +104,8 @@ class NICE(Sequential):
     """NICE (arXiv:1410.8516, section 5): the image flattened, `num_couplings` additive
     couplings on alternating odd/even partitions, a final diagonal scaling, and the prior:
     ``"gaussian"``, or ``"logistic"`` (the paper's, folded in by `LogisticToNormal` so the base
-    stays N(0, I)). No multi-scale."""
+    stays N(0, I)). No multi-scale. `data_init` initialises the scaling from the first batch
+    (see `VectorScale`)."""
 
     def __init__(
         self,
@@ -97,6 +113,7 @@ class NICE(Sequential):
         net: Callable[[int, int], nn.Module],
         num_couplings: int = 4,
         prior: str = "logistic",
+        data_init: bool = True,
     ):
         if prior not in ("gaussian", "logistic"):
             raise ValueError(f"NICE prior must be 'gaussian' or 'logistic', got {prior!r}")
@@ -106,7 +123,7 @@ class NICE(Sequential):
         dim = int(torch.tensor(image_shape).prod())
         layers: list[Bijector] = [Flatten(image_shape)]
         layers += [VectorAdditiveCoupling(dim, net, parity=i % 2) for i in range(num_couplings)]
-        layers.append(VectorScale(dim))
+        layers.append(VectorScale(dim, data_init=data_init))
         if prior == "logistic":
             layers.append(LogisticToNormal())
         super().__init__(layers)
