@@ -26,6 +26,7 @@ LOG_2PI = math.log(2 * math.pi)
 
 def standard_normal_log_prob(eps: Tensor) -> Tensor:
     """log N(eps; 0, I) summed per sample, eps of shape (B, D)."""
+    eps = eps if eps.dtype in (torch.float32, torch.float64) else eps.float()
     return -0.5 * (eps.pow(2).sum(dim=1) + eps.shape[1] * LOG_2PI)
 
 

@@ -42,9 +42,24 @@ def check_channels(layer: nn.Module, shape: Shape, channels: int) -> Shape:
     return tuple(shape)
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 if it is in a lower precision (bf16/fp16 under autocast), else as it is."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def sum_except_batch(x: Tensor) -> Tensor:
-    """Sum over every dimension but the first: per-sample log-densities and log-dets."""
-    return x.reshape(x.shape[0], -1).sum(dim=1)
+    """Sum over every dimension but the first: per-sample log-densities and log-dets.
+
+    Accumulates in float32 at least: a log-det summed in bfloat16 (8 significant bits) over
+    thousands of elements would be off by whole nats.
+    """
+    return at_least_float32(x).reshape(x.shape[0], -1).sum(dim=1)
+
+
+def no_autocast(x: Tensor):
+    """A context that turns autocast off on `x`'s device: for the flow's own linear maps, whose
+    outputs are the main path of the bijection (and whose inverses must undo them exactly)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def zero_logdet(x: Tensor) -> Tensor:

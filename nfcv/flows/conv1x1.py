@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nfcv.flows.base import Bijector, check_channels
+from nfcv.flows.base import Bijector, at_least_float32, check_channels, no_autocast
 
 
 def _random_rotation(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -48,13 +48,17 @@ class _Conv1x1Base(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         c = self.num_channels
-        z = F.conv2d(x, self.weight().to(x.dtype).view(c, c, 1, 1))
+        with no_autocast(x):
+            x = at_least_float32(x)
+            z = F.conv2d(x, self.weight().to(x.dtype).view(c, c, 1, 1))
         logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
         return z, logdet.expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         c = self.num_channels
-        x = F.conv2d(z, self.inverse_weight(z.dtype).view(c, c, 1, 1))
+        with no_autocast(z):
+            z = at_least_float32(z)
+            x = F.conv2d(z, self.inverse_weight(z.dtype).view(c, c, 1, 1))
         logdet = -(z.shape[2] * z.shape[3]) * self.log_abs_det().to(z.dtype)
         return x, logdet.expand(z.shape[0])
 
@@ -177,13 +181,17 @@ class BlockInvConv1x1(_Conv1x1Base):
         return torch.linalg.slogdet(self.w.double())[1].sum()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        w = self.w.to(x.dtype).reshape(self.num_channels, -1, 1, 1)
-        z = F.conv2d(x, w, groups=self.groups)
+        with no_autocast(x):
+            x = at_least_float32(x)
+            w = self.w.to(x.dtype).reshape(self.num_channels, -1, 1, 1)
+            z = F.conv2d(x, w, groups=self.groups)
         logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
         return z, logdet.expand(x.shape[0])
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        w_inv = self.inverse_weight(z.dtype).reshape(self.num_channels, -1, 1, 1)
-        x = F.conv2d(z, w_inv, groups=self.groups)
+        with no_autocast(z):
+            z = at_least_float32(z)
+            w_inv = self.inverse_weight(z.dtype).reshape(self.num_channels, -1, 1, 1)
+            x = F.conv2d(z, w_inv, groups=self.groups)
         logdet = -(z.shape[2] * z.shape[3]) * self.log_abs_det().to(z.dtype)
         return x, logdet.expand(z.shape[0])

@@ -9,10 +9,20 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from nfcv.flows.actnorm import ActNorm
+from nfcv.flows.base import at_least_float32, no_autocast
 
 # Glow's zero-initialised conv rescales its output by exp(3 * logs): a larger learning rate for the
 # per-channel output scale (openai/glow, model.py, conv2d_zeros with logscale_factor=3).
 ZERO_CONV_LOGSCALE_FACTOR = 3.0
+
+
+def float32_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` with autocast off, in float32 at least: the last layer of a coupling network,
+    whose outputs (shifts, scales, spline and mixture parameters) would otherwise be rounded to
+    bfloat16's 8 significant bits under mixed precision and move the model's bits per dim by
+    hundredths. The rest of the network keeps running in the low precision."""
+    with no_autocast(x):
+        return conv(at_least_float32(x))
 
 
 class ZeroConv2d(nn.Module):
@@ -30,7 +40,7 @@ class ZeroConv2d(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x) * torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR)
+        return float32_conv(self.conv, x) * torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR)
 
 
 class _ActNormAct(nn.Module):
@@ -120,7 +130,7 @@ class ResNetNet(nn.Module):
         h = self.conv_in(x)
         for block in self.blocks:
             h = h + block(h)
-        return self.conv_out(F.relu(self.norm_out(h)))
+        return float32_conv(self.conv_out, F.relu(self.norm_out(h)))
 
 
 class MLP(nn.Module):
@@ -272,4 +282,4 @@ class FlowppNet(nn.Module):
             h = norm1(conv(h, context))
             if self.attention:
                 h = norm2(attn(h, self.pos))
-        return self.conv_out(h)
+        return float32_conv(self.conv_out, h)
