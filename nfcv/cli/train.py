@@ -66,14 +66,18 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         auto_insert_metric_name=False,
         monitor="val/bpd",
         mode="min",
-        save_last=True,
     )
+    # last.ckpt: the latest state, rewritten at every validation. Not save_last=True above:
+    # Lightning >= 2.5 rewrites that file only when the best improves, so it held the best
+    # state, and resuming from it went back in time.
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
     logger = TensorBoardLogger(
         save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
     )
     speed = TrainSpeed()
     callbacks = [
         checkpoint,
+        latest,
         speed,
         LearningRateMonitor(logging_interval="step"),
         SampleGridLogger(cfg.sample.every_n_steps, cfg.sample.temperatures, cfg.sample.per_row),
@@ -88,9 +92,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - start
 
+    # The steps after the last validation too (max_steps not a multiple of the interval).
+    last = str(ckpt_dir / "last.ckpt")
+    if trainer.global_step > 0:
+        trainer.save_checkpoint(last)
     # Read before testing: trainer.test restores the callback state stored in the checkpoint.
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    last = checkpoint.last_model_path
+    best = checkpoint.best_model_path or last
     best_score = checkpoint.best_model_score
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_bpd = float(test_metrics[0]["test/bpd"]) if test_metrics else math.nan
