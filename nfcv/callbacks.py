@@ -66,8 +66,9 @@ class ReconstructionLogger(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         datamodule = getattr(trainer, "datamodule", None)
-        if self.images is None and hasattr(datamodule, "split"):
-            self.images = datamodule.split("val").images[: self.num_images].clone()
+        if self.images is None and self.num_images > 0 and hasattr(datamodule, "split"):
+            val = datamodule.split("val")
+            self.images = torch.stack([val[i][0] for i in range(min(self.num_images, len(val)))])
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0

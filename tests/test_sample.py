@@ -99,6 +99,7 @@ def test_raw_samples_are_deterministic_and_quantised(model):
         (["mode=interpolate", "index=[0,5000]"], r"index \[5000\] out of range"),
         (["temperature=[]"], "temperature must be one or more"),
         (["n=0"], "n must be >= 1"),
+        (["mode=reconstruct", "data=mnist"], r"data=mnist has images of shape \(1, 28, 28\)"),
     ],
 )
 def test_bad_values_are_config_errors(ckpt, overrides, match):
