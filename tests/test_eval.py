@@ -319,7 +319,12 @@ def fashion_ckpt(tmp_path_factory):
     write_mnist_like(root / "fashion" / "FashionMNIST" / "raw", n_train=40, n_test=6)
     write_mnist_like(root / "mnist" / "MNIST" / "raw", n_train=12, n_test=7)
     overrides = _tiny_overrides(
-        **{"data.root": str(root / "fashion"), "data.val_size": "8", "sample.reconstructions": "2"}
+        **{
+            "data.root": str(root / "fashion"),
+            "data.val_size": "8",
+            "sample.reconstructions": "2",
+            "trainer.log_every_n_steps": "1",  # 2 batches an epoch: below 10, Lightning warns
+        }
     )
     summary = train(nfcv.compose(["data=fashion_mnist", *overrides]), run_dir=root / "run")
     return root, Path(summary["best_ckpt"])
