@@ -833,6 +833,7 @@ class LocalDataModule(ImageDataModule):
     folder = ""  # the dataset's folder under root ('' for root itself)
     how_to_get = ""  # extra advice for the missing-files message
     can_download = True
+    lists_md5s = False  # torchvision lists MD5s of the files (checked with `verify`)
 
     def __init__(
         self,
@@ -911,7 +912,7 @@ class LocalDataModule(ImageDataModule):
         )
 
     def preprocessing(self) -> dict:
-        return {**super().preprocessing(), "verify": self.verify}
+        return {**super().preprocessing(), "md5_checked": self.verify and self.lists_md5s}
 
 
 # -- MNIST and Fashion-MNIST: IDX files
@@ -1085,6 +1086,7 @@ class CIFAR10DataModule(LocalDataModule):
     name = "cifar10"
     tv_name = "CIFAR10"
     num_classes = 10
+    lists_md5s = True
 
     @property
     def tv_class(self):
@@ -1190,6 +1192,7 @@ class SVHNDataModule(LocalDataModule):
     name = "svhn"
     folder = "svhn"
     num_classes = 10
+    lists_md5s = True
 
     def __init__(self, extra: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -1270,6 +1273,7 @@ class CelebADataModule(LocalDataModule):
 
     name = "celeba"
     folder = "celeba"
+    lists_md5s = True  # of the text files
     how_to_get = (
         " (torchvision downloads CelebA from Google Drive with the gdown package, which Drive "
         "quotas often refuse: the files are also on the CelebA web page)"

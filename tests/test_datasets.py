@@ -599,9 +599,8 @@ def test_checkpoint_and_eval_json_record_the_same_data(tmp_path, tiny):
     info = torch.load(ckpt, weights_only=True)["hyper_parameters"]["data_info"]
     assert info["name"] == "cifar10" and info["image_shape"] == [3, 32, 32]
     assert info["num_bins"] == 256 and info["split_sizes"] == {"train": 20, "val": 5}
-    assert (
-        info["preprocessing"]["hflip_train"] is True and info["preprocessing"]["verify"] is False
-    )
+    assert info["preprocessing"]["hflip_train"] is True
+    assert info["preprocessing"]["md5_checked"] is False  # verify=false
     assert info["files"]["count"] == 7 and len(info["files"]["sha256"]) == 64
     record, _ = evaluate_checkpoint(
         nfcv.compose([f"ckpt={ckpt}", "progress=false"], config_name="eval"), ckpt, "run"
