@@ -63,6 +63,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from nfcv.errors import DataError
+from nfcv.resume import ResumableShuffle, ShardedSequential
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -736,13 +737,22 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        # Our own samplers (nfcv/resume.py): a training order drawn from (seed, epoch) that a
+        # resumed run can continue mid-epoch, and evaluation shards without padding, both split
+        # between the ranks of a distributed run. The loader's own generator keeps it from
+        # drawing from the global RNG, which the training steps' noise comes from.
+        seed = getattr(self, "shuffle_seed", None)
+        seed = torch.initial_seed() if seed is None else int(seed)
+        n = len(dataset)
+        sampler = ResumableShuffle(n, seed=seed) if shuffle else ShardedSequential(n)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def eval_loader(self, name: str) -> DataLoader:

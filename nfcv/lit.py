@@ -78,14 +78,53 @@ class FlowModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.model)
 
+    # Validation and test: each rank sums the bits per dim of its share of the split (the
+    # samplers give every image to exactly one rank, without padding), the sums and counts are
+    # all-reduced at the end, and the figure logged is the mean over the whole split: the same
+    # number one process gets. The dequantization noise comes from a generator seeded by
+    # `seed` (so the figure does not depend on when in training it is measured) and the
+    # training RNG streams are put back afterwards (so validating does not change training).
+
+    def _start_eval(self) -> None:
+        self._rng_saved = torch.get_rng_state()
+        self._cuda_rng_saved = (
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        )
+        torch.manual_seed(int(self.cfg.get("seed", 0)) + 7919 * self.global_rank)
+        self._eval_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def _end_eval(self, name: str, prog_bar: bool) -> None:
+        torch.set_rng_state(self._rng_saved)
+        if self._cuda_rng_saved is not None:
+            torch.cuda.set_rng_state_all(self._cuda_rng_saved)
+        total = self._eval_sum
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total.clone(), reduce_op="sum")
+        if total[1] > 0:
+            self.log(name, (total[0] / total[1]).float(), prog_bar=prog_bar, sync_dist=False)
+
+    def _accumulate(self, bpd: torch.Tensor) -> None:
+        self._eval_sum += torch.stack([bpd.double().sum(), bpd.new_tensor(bpd.numel()).double()])
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         bpd = self._bpd(batch, model=self.eval_model())
-        self.log("val/bpd", bpd.mean(), prog_bar=True, batch_size=bpd.shape[0], sync_dist=True)
+        self._accumulate(bpd)
         return bpd.detach()  # per-image values, for callbacks (the val bpd histogram)
 
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval("val/bpd", prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
     def test_step(self, batch, batch_idx: int) -> None:
-        bpd = self._bpd(batch, model=self.eval_model())
-        self.log("test/bpd", bpd.mean(), batch_size=bpd.shape[0], sync_dist=True)
+        self._accumulate(self._bpd(batch, model=self.eval_model()))
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval("test/bpd", prog_bar=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:

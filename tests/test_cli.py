@@ -110,7 +110,7 @@ def test_missing_dataset_files_name_path_and_fix(tmp_path):
 
 def test_image_size_not_divisible_names_both(tmp_path):
     proc = run("nfcv-train", "model.levels=4", cwd=tmp_path, check=False)
-    _fails(proc, "(1, 8, 8)", "2**levels = 16", "model.levels")
+    _fails(proc, "(1, 8, 8)", "2**4 = 16", "model.levels")
 
 
 def test_unknown_config_option_is_hydras_error(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
@@ -22,6 +25,13 @@ from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, V
 from nfcv.errors import user_errors
 from nfcv.grid import sample_grid
 from nfcv.lit import FlowModule
+from nfcv.resume import Preemption, ResumeState, resume_checkpoint
+from nfcv.sweep import write_status
+
+log = logging.getLogger("nfcv")
+# Exit status of a run stopped by SIGTERM after saving last.ckpt (128 + SIGTERM, the shell's
+# convention): not a success, so schedulers requeue it and scripts do not go on.
+PREEMPTED_EXIT = 143
 
 
 def _quiet_lightning() -> None:
@@ -54,7 +64,15 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
 
+    # Which checkpoint to continue from (resume=auto|true, ckpt_path=): decided before any data
+    # is read, so a wrong request fails at once.
+    resume_from = resume_checkpoint(run_dir, cfg.get("resume"), cfg.get("ckpt_path"))
+    if cfg.get("resume") == "auto":
+        log.info("resume=auto: continuing from %s", resume_from) if resume_from else log.info(
+            "resume=auto: no checkpoint in %s, starting", run_dir
+        )
     datamodule = instantiate(cfg.data)
+    datamodule.shuffle_seed = int(cfg.seed)  # the training order: from (seed, epoch)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
     plain_cfg = resolve(cfg)
     module = FlowModule(plain_cfg, data_info=datamodule.describe())
@@ -85,11 +103,31 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
             cfg.sample.every_n_steps, cfg.sample.get("reconstructions", 8), cfg.sample.per_row
         ),
         ValBpdHistogram(),
+        ResumeState(),
+        Preemption(ckpt_dir),
     ]
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir)
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except SIGTERMException:
+        # Preemption saved last.ckpt at the end of the batch in progress (on_exception).
+        summary = {
+            "preempted": True,
+            "steps": int(trainer.global_step),
+            "run_dir": str(run_dir),
+            "last_ckpt": str(ckpt_dir / "last.ckpt"),
+            "total_seconds": round(time.perf_counter() - start, 1),
+        }
+        if trainer.is_global_zero:
+            write_status(run_dir, "preempted", summary)
+            print(
+                f"\nnfcv: stopped by SIGTERM at step {summary['steps']}; saved "
+                f"{summary['last_ckpt']}\n  continue: the same command with resume=auto "
+                f"hydra.run.dir={run_dir}"
+            )
+        return summary
     fit_seconds = time.perf_counter() - start
 
     # The steps after the last validation too (max_steps not a multiple of the interval).
@@ -120,6 +158,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         "module": module,
     }
     if trainer.is_global_zero:
+        write_status(run_dir, "completed", summary)
         print(
             f"\nnfcv: {cfg.model.name} on {cfg.data.name}: test bpd {test_bpd:.4f} "
             f"(best val bpd {summary['best_val_bpd']:.4f}, {summary['steps']} steps, "
@@ -135,10 +174,28 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     return summary
 
 
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="pkg://nfcv.configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    with user_errors():
-        return train(cfg)["test_bpd"]
+    if not _in_multirun():
+        with user_errors():
+            summary = train(cfg)
+        if summary.get("preempted"):
+            sys.exit(PREEMPTED_EXIT)
+        return summary["test_bpd"]
+    # In a sweep one failing job must not stop the others: record the failure in the job's
+    # status.json (with its log) and return; the sweep's report names the failed jobs at the end.
+    run_dir = _run_dir()
+    try:
+        summary = train(cfg, run_dir=run_dir)
+    except (Exception, SystemExit) as err:
+        log.exception("nfcv: this job failed")
+        write_status(run_dir, "failed", error=err)
+        return math.nan
+    return summary.get("test_bpd", math.nan)
 
 
 if __name__ == "__main__":

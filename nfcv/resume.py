@@ -1,0 +1,261 @@
+"""Exact resume and preemption.
+
+A run resumed from a checkpoint replays the uninterrupted run exactly (on CPU, same seed), at an
+epoch boundary or in the middle of an epoch, because everything random is either in the
+checkpoint or derived from it:
+
+- model, optimizer, scheduler (warmup position), EMA, step and epoch counters: Lightning and
+  `FlowModule` save and restore them;
+- the training order: `ResumableShuffle` draws each epoch's permutation from (seed, epoch) with
+  its own generator; `ResumeState` saves its position and skips the batches already done when
+  a run resumes mid-epoch;
+- the global RNG streams (dequantization noise, dropout): `ResumeState` saves them with every
+  checkpoint and restores them right before the first batch after a resume.
+
+`Preemption` saves ``last.ckpt`` when SIGTERM (or SLURM's pre-timeout signal) arrives, at the end
+of the batch in progress; ``nfcv-train ... resume=auto`` continues from it.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import Sampler
+
+from nfcv.errors import ConfigError
+
+# Checked in this order by `resume=auto`: our own checkpoints, then Lightning's SLURM
+# auto-requeue ones (hpc_ckpt_N.ckpt in the run folder).
+LAST = "last.ckpt"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ResumableShuffle(Sampler[int]):
+    """The training order: every epoch a fresh permutation of ``range(n)`` drawn from
+    ``(seed, epoch)`` by a generator of its own (so nothing else's randomness shifts it), split
+    between the ranks of a distributed run (rank r takes every world-th index; the last
+    ``n % world`` indices of the permutation are dropped so every rank has as many batches).
+
+    The sampler counts its epochs itself (each iteration is the next epoch) and ignores
+    `set_epoch`: Lightning's epoch counter runs one ahead after a run stopped mid-epoch by
+    max_steps, which would change the order of a resumed run. `resume_at(epoch, skip)` makes the
+    next iteration epoch `epoch` without its first `skip` indices: how a run resumed in the
+    middle of an epoch continues with exactly the batches it had not seen.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = int(n)
+        self.seed = int(seed)
+        self.next_epoch = 0
+        self._skip = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the iteration in progress (or of the next one, before any)."""
+        return max(0, self.next_epoch - 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored (see the class docstring); Lightning calls it every epoch."""
+
+    def resume_at(self, epoch: int, skip: int = 0) -> None:
+        self.next_epoch = int(epoch)
+        self._skip = int(skip)
+
+    def _share(self, epoch: int) -> torch.Tensor:
+        rank, world = _rank_world()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        usable = self.n - self.n % world
+        return perm[:usable][rank::world]
+
+    def __iter__(self):
+        share = self._share(self.next_epoch)[self._skip :]
+        self.next_epoch += 1
+        self._skip = 0
+        return iter(share.tolist())
+
+    def __len__(self) -> int:
+        _, world = _rank_world()
+        return self.n // world
+
+
+class ShardedSequential(Sampler[int]):
+    """Evaluation order: ``range(n)`` in order, rank r of a distributed run taking every world-th
+    index, with no padding, so every image is scored exactly once over all ranks (sums of bits
+    per dim and counts are then all-reduced: the same figure as one process)."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __iter__(self):
+        rank, world = _rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = _rank_world()
+        return len(range(rank, self.n, world))
+
+
+def _capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Saves with every checkpoint the global RNG states and where the training order stands
+    (epoch of the sampler, batches done in it); after a resume, puts the sampler there and
+    restores the RNG states right before the first training batch (after the sanity check and
+    the data loader's start, which would otherwise consume them)."""
+
+    def __init__(self):
+        self._pending: dict[str, Any] | None = None
+        self._trainer: L.Trainer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @staticmethod
+    def _train_loader(trainer: L.Trainer | None):
+        try:
+            loader = trainer.train_dataloader if trainer is not None else None
+        except Exception:  # no fit loop (testing)
+            return None, None
+        sampler = getattr(loader, "sampler", None)
+        return (loader, sampler) if isinstance(sampler, ResumableShuffle) else (None, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rng": _capture_rng()}
+        loader, sampler = self._train_loader(self._trainer)
+        if sampler is not None:
+            state["order"] = {
+                "epoch": sampler.epoch,
+                "done": int(self._trainer.fit_loop.epoch_loop.batch_progress.current.completed),
+                "per_epoch": len(loader),
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None or "order" not in self._pending:
+            return
+        loader, sampler = self._train_loader(trainer)
+        order = self._pending["order"]
+        if sampler is None or order["per_epoch"] != len(loader):
+            return  # another data size or batch size: the order cannot be replayed
+        if order["done"] >= order["per_epoch"]:
+            sampler.resume_at(order["epoch"] + 1)
+        else:
+            sampler.resume_at(order["epoch"], order["done"] * loader.batch_size)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:
+            _restore_rng(self._pending["rng"])
+            self._pending = None
+
+
+class Preemption(L.Callback):
+    """On SIGTERM (Lightning stops at the end of the batch in progress) or SIGUSR1/SIGUSR2
+    (SLURM's pre-timeout signals, when nothing else handles them), save ``last.ckpt`` so the
+    requeued job continues from here with ``resume=auto``."""
+
+    def __init__(self, ckpt_dir: Path, signals: tuple[int, ...] = ()):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.signals = signals
+        self.preempted = False
+        self._trainer: L.Trainer | None = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._trainer is not None:
+            self._trainer.received_sigterm = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
+        for sig in self.signals:
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                signal.signal(sig, self._on_signal)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.preempted = True
+            trainer.save_checkpoint(self.ckpt_dir / LAST)
+
+
+def resume_checkpoint(run_dir: Path, resume: Any, ckpt_path: Any) -> str | None:
+    """The checkpoint `nfcv-train` continues from, or None for a fresh run.
+
+    - ``ckpt_path=PATH``: that file. ``ckpt_path=last`` (or ``resume=true``): this run folder's
+      ``checkpoints/last.ckpt``, an error if it has none.
+    - ``resume=auto``: the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM
+      ``hpc_ckpt_*.ckpt`` if there is one, else a fresh start (said in the log): what a job that
+      may be requeued should pass.
+    """
+    if resume not in (None, False, True, "auto"):
+        raise ConfigError(f"resume must be auto, true or false, got {resume!r}")
+    candidates = [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime)
+    if ckpt_path not in (None, "last"):
+        path = Path(str(ckpt_path))
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return str(path)
+    if ckpt_path == "last" or resume is True:
+        if not existing:
+            raise ConfigError(
+                f"nothing to resume: {run_dir / 'checkpoints' / LAST} does not exist. Pass the "
+                "run folder of the run to continue (hydra.run.dir=...), or resume=auto to start "
+                "fresh when there is no checkpoint"
+            )
+        return str(existing[-1])
+    if resume == "auto":
+        return str(existing[-1]) if existing else None
+    if existing:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({existing[-1].name}); continue it with resume=auto "
+            "(or ckpt_path=last), or choose a new folder"
+        )
+    return None
