@@ -95,13 +95,16 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
                     f"{key} must build an nfcv Bijector, got {type(obj).__name__}: check its "
                     "_target_"
                 )
-        return ImageFlow(
+        model = ImageFlow(
             flow,
             image_shape=tuple(model_cfg.image_shape),
             num_bins=int(model_cfg.num_bins),
             dequantizer=dequantizer,
             preprocess=preprocess,
         )
+        if model_cfg.get("checkpoint_grads", False):
+            model.checkpoint_networks(True)
+        return model
     except ConfigError:
         raise
     except (InstantiationException, ValueError, OmegaConfBaseException) as err:

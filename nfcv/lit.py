@@ -52,6 +52,10 @@ class FlowModule(L.LightningModule):
         )
         self.cfg = OmegaConf.create(cfg)
         self.model = build_model(self.cfg)
+        if self.cfg.get("compile", False):
+            # The coupling networks only: the flow's control flow (bisection, ODE solvers,
+            # data-dependent init) stays eager, and parameter names stay as they are.
+            self.model.compile_networks()
         decay = (self.cfg.get("ema") or {}).get("decay")
         self.ema = EMA(decay, lambda: build_model(self.cfg)) if decay is not None else None
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from nfcv.flows.base import Bijector, check_channels, sum_except_batch
@@ -82,8 +83,16 @@ class Coupling(Bijector):
         """T(v) (or T^-1(v) when `inverse`) and the elementwise log|det| of that same map."""
         raise NotImplementedError  # pragma: no cover - interface
 
+    # Set by `ImageFlow.checkpoint_networks`: recompute the network in the backward pass instead
+    # of keeping its activations (gradient checkpointing), trading compute for memory.
+    checkpoint_grads = False
+
     def _params(self, cond: Tensor, context: Tensor | None) -> Tensor:
-        h = self.net(cond) if context is None else self.net(cond, context)
+        args = (cond,) if context is None else (cond, context)
+        if self.checkpoint_grads and torch.is_grad_enabled() and self.training:
+            h = torch.utils.checkpoint.checkpoint(self.net, *args, use_reentrant=False)
+        else:
+            h = self.net(*args)
         b, _, height, width = h.shape
         return h.view(b, self.c2, self.params_per_element, height, width).permute(0, 1, 3, 4, 2)
 
