@@ -95,12 +95,21 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
                     f"{key} must build an nfcv Bijector, got {type(obj).__name__}: check its "
                     "_target_"
                 )
+        num_classes = None
+        if model_cfg.get("conditional", False):
+            num_classes = model_cfg.get("num_classes")
+            if not num_classes:
+                raise ConfigError(
+                    "model.conditional=true needs model.num_classes: nfcv-train sets it from a "
+                    "labelled dataset; with nfcv.build_model set it yourself"
+                )
         model = ImageFlow(
             flow,
             image_shape=tuple(model_cfg.image_shape),
             num_bins=int(model_cfg.num_bins),
             dequantizer=dequantizer,
             preprocess=preprocess,
+            num_classes=num_classes,
         )
         if model_cfg.get("checkpoint_grads", False):
             model.checkpoint_networks(True)

@@ -52,7 +52,11 @@ def model_dtype(model: ImageFlow) -> torch.dtype:
 
 @torch.no_grad()
 def bits_per_dim_parts(
-    model: ImageFlow, x_int: Tensor, k: int = 1, check: bool = True
+    model: ImageFlow,
+    x_int: Tensor,
+    k: int = 1,
+    check: bool = True,
+    labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Bits per dim of integer images with `k` dequantization samples, and its parts.
 
@@ -72,7 +76,6 @@ def bits_per_dim_parts(
         model.check_range(x_int)
     b, dim = x_int.shape[0], model.dim
     to_bits = 1.0 / (dim * math.log(2))
-    sizes = model.latent_sizes
     names = latent_names(model)
     dtype = model_dtype(model)
     x = x_int.to(dtype)
@@ -87,8 +90,9 @@ def bits_per_dim_parts(
         eps, logdet = model.transform(y)
         eps, logdet, log_q = eps.double(), logdet.double(), log_q.double()
         log_p = []
-        for name, block in zip(names, torch.split(eps, sizes, dim=1), strict=True):
-            lp = -0.5 * (block.pow(2).sum(1) + block.shape[1] * LOG_2PI)
+        ys = labels.to(eps.device).repeat(m) if labels is not None else None
+        for name, lp in zip(names, model.latent_log_probs(eps, ys), strict=True):
+            lp = lp.double()
             sums[name] += -lp.view(m, b).sum(0) * to_bits
             log_p.append(lp)
         sums[LOGDET] += -logdet.view(m, b).sum(0) * to_bits
@@ -159,7 +163,8 @@ def evaluate_split(
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for batch in batches:
             x, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
-            bpd, batch_parts = bits_per_dim_parts(model, x.to(device), k=k)
+            cond = y.to(device) if model.num_classes and torch.is_tensor(y) else None
+            bpd, batch_parts = bits_per_dim_parts(model, x.to(device), k=k, labels=cond)
             bpd = bpd.cpu()
             bad = torch.nonzero(~torch.isfinite(bpd)).flatten()
             if len(bad):

@@ -42,13 +42,18 @@ def sample_grid(
     n: int,
     nrow: int | None = None,
     seed: int = 0,
+    label: int | None = None,
 ) -> Tensor:
     """`n` samples per temperature laid out `nrow` to a row (default: one row per temperature),
-    as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid."""
+    as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid. `label`: the class
+    of every sample of a class-conditional model (default: image i is class i % num_classes)."""
     nrow = nrow or n
     generator = torch.Generator(device=_device(model)).manual_seed(seed)
     with _eval_mode(model):
-        blocks = [model.sample(n, temperature=float(t), generator=generator) for t in temperatures]
+        blocks = [
+            model.sample(n, temperature=float(t), generator=generator, label=label)
+            for t in temperatures
+        ]
     return _grid(torch.cat(blocks), nrow)
 
 

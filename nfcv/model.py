@@ -16,11 +16,58 @@ from nfcv.flows.base import Bijector
 MAX_IMAGES_PER_PASS = 1024
 
 
+class ClassConditionalPrior(nn.Module):
+    """Glow's class-conditional prior for the top latent (arXiv:1807.03039, section 5, "ycond"):
+    ``z_top ~ N(mu_y, sigma_y^2)`` with a mean and log-scale per channel from a zero-initialised
+    embedding of the label (so it starts as the standard normal). `shape` is the top block's
+    (C, H, W), or (D,) for a flat flow (one mean and scale per dimension)."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int):
+        super().__init__()
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.shape = tuple(int(s) for s in shape)
+        self.num_classes = int(num_classes)
+        self.channels = self.shape[0]
+        self.positions = math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+        self.embed = nn.Embedding(self.num_classes, 2 * self.channels)
+        nn.init.zeros_(self.embed.weight)
+
+    def _params(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.as_tensor(y, device=self.embed.weight.device).long()
+        if y.dim() != 1 or (y.numel() and (y.min() < 0 or y.max() >= self.num_classes)):
+            raise ValueError(
+                f"labels must be a (B,) tensor of class indices in [0, {self.num_classes - 1}]"
+            )
+        h = self.embed(y)
+        mean, log_sigma = h[:, : self.channels], h[:, self.channels :]
+        if len(self.shape) > 1:  # per channel, the same at every position
+            mean = mean.repeat_interleave(self.positions, dim=1)
+            log_sigma = log_sigma.repeat_interleave(self.positions, dim=1)
+        return mean, log_sigma
+
+    def log_prob(self, z: Tensor, y: Tensor) -> Tensor:
+        """log N(z; mu_y, sigma_y^2) per sample, `z` the flat top block (B, prod(shape))."""
+        mean, log_sigma = self._params(y)
+        e = (z - mean.to(z.dtype)) * torch.exp(-log_sigma.to(z.dtype))
+        return standard_normal_log_prob(e) - log_sigma.to(z.dtype).sum(1)
+
+    def to_latent(self, eps: Tensor, y: Tensor) -> Tensor:
+        """``mu_y + sigma_y * eps``: a standard normal draw of the top block made class-y."""
+        mean, log_sigma = self._params(y)
+        return mean.to(eps.dtype) + torch.exp(log_sigma.to(eps.dtype)) * eps
+
+
 class ImageFlow(nn.Module):
     """A normalizing flow over images ``x in [0, 1]^(C, H, W)`` with base N(0, I).
 
     `preprocess` (e.g. Glow's shift to [-0.5, 0.5]) and `flow` (e.g. a `MultiScale`) are
     bijections whose log-dets enter the density; `flow` must output ``(B, D)``.
+
+    With `num_classes` the model is class-conditional: the top latent block has the prior
+    `ClassConditionalPrior` and every density is p(x | y), so `log_prob`, `log_weights` and
+    `bits_per_dim` need the labels ``y``; `transform` and `inverse` are the same bijection for
+    every class, and `sample` takes a `label`.
     """
 
     def __init__(
@@ -30,6 +77,7 @@ class ImageFlow(nn.Module):
         num_bins: int,
         dequantizer: Dequantizer | None = None,
         preprocess: Bijector | None = None,
+        num_classes: int | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -54,6 +102,12 @@ class ImageFlow(nn.Module):
                 f"the flow maps images of shape {self.image_shape} to latents of shape "
                 f"{tuple(out)}; ImageFlow needs a flat latent of shape ({self.dim},)"
             )
+        self.num_classes = int(num_classes) if num_classes else None
+        self.class_prior = None
+        if self.num_classes:
+            shapes = getattr(flow, "factored_shapes", None)
+            top = tuple(shapes[-1]) if shapes else (self.latent_sizes[-1],)
+            self.class_prior = ClassConditionalPrior(top, self.num_classes)
 
     def checkpoint_networks(self, enabled: bool = True) -> int:
         """Gradient checkpointing of every coupling network (in the flow and in a variational
@@ -115,10 +169,26 @@ class ImageFlow(nn.Module):
             x, _ = self.preprocess.inverse(x)
         return x
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Continuous log-density of images in [0, 1]^D, in nats, shape (B,)."""
+    def latent_log_probs(self, eps: Tensor, labels: Tensor | None = None) -> list[Tensor]:
+        """log-density of each block of `eps` (`latent_sizes`) under the base, per sample: the
+        standard normal, and for a class-conditional model the labels' prior for the top."""
+        blocks = torch.split(eps, self.latent_sizes, dim=1)
+        out = [standard_normal_log_prob(b) for b in blocks[:-1]]
+        if self.class_prior is None:
+            return [*out, standard_normal_log_prob(blocks[-1])]
+        if labels is None:
+            raise ValueError(
+                "this model is class-conditional (its densities are p(x | y)): pass the labels"
+            )
+        return [*out, self.class_prior.log_prob(blocks[-1], labels)]
+
+    def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Continuous log-density of images in [0, 1]^D, in nats, shape (B,); ``p(x | y)`` for a
+        class-conditional model."""
         eps, logdet = self.transform(x)
-        return standard_normal_log_prob(eps) + logdet
+        if self.class_prior is None:
+            return standard_normal_log_prob(eps) + logdet
+        return torch.stack(self.latent_log_probs(eps, labels)).sum(0) + logdet
 
     @torch.no_grad()
     def sample(
@@ -126,11 +196,27 @@ class ImageFlow(nn.Module):
         n: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        label: int | Tensor | None = None,
     ) -> Tensor:
-        """n images in [0, 1]: ``inverse(temperature * randn)``, clamped to the image range."""
+        """n images in [0, 1]: ``inverse(temperature * randn)``, clamped to the image range.
+
+        Class-conditional models draw the top block from class `label`'s prior (an int for all
+        n, or a (n,) tensor); without a label, image i gets class ``i % num_classes``.
+        """
         device, dtype = self._device_dtype()
-        eps = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
-        return self.inverse(temperature * eps).clamp(0.0, 1.0)
+        eps = temperature * torch.randn(
+            n, self.dim, generator=generator, device=device, dtype=dtype
+        )
+        if self.class_prior is not None:
+            if label is None:
+                labels = torch.arange(n, device=device) % self.num_classes
+            else:
+                labels = torch.as_tensor(label, device=device).long().expand(n)
+            top = self.latent_sizes[-1]
+            eps = torch.cat([eps[:, :-top], self.class_prior.to_latent(eps[:, -top:], labels)], 1)
+        elif label is not None:
+            raise ValueError("label= needs a class-conditional model (model.conditional=true)")
+        return self.inverse(eps).clamp(0.0, 1.0)
 
     def check_range(self, x_int: Tensor) -> None:
         """Raise `DataRangeError` unless every value is an integer in [0, num_bins - 1]."""
@@ -148,19 +234,23 @@ class ImageFlow(nn.Module):
                 "Pass the quantised image, not a dequantised or normalised one"
             )
 
-    def log_weights(self, x_int: Tensor) -> Tensor:
+    def log_weights(self, x_int: Tensor, labels: Tensor | None = None) -> Tensor:
         """One importance weight per image: ``log p(y) - log q(u|x) - D log(num_bins)``, nats.
 
-        A lower bound on log P(x) for the discrete image x (one dequantization sample).
+        A lower bound on log P(x) for the discrete image x (one dequantization sample);
+        `labels` for a class-conditional model.
         """
         y, log_q = self.dequantizer(x_int.to(self._device_dtype()[1]), self.num_bins)
-        return self.log_prob(y) - log_q - self.dim * math.log(self.num_bins)
+        return self.log_prob(y, labels) - log_q - self.dim * math.log(self.num_bins)
 
-    def bits_per_dim(self, x_int: Tensor, k: int = 1, check: bool = True) -> Tensor:
+    def bits_per_dim(
+        self, x_int: Tensor, k: int = 1, check: bool = True, labels: Tensor | None = None
+    ) -> Tensor:
         """Discrete bits per dim of integer images, shape (B,), with k dequantization samples.
 
         ``k > 1`` gives the importance-weighted bound ``logsumexp_k(log w_k) - log k``.
-        `check=False` skips the pixel-range check (for data validated already).
+        `check=False` skips the pixel-range check (for data validated already). `labels`: the
+        classes, for a class-conditional model (then the figure is for p(x | y)).
         """
         self._check_images(x_int)
         if check:
@@ -168,14 +258,15 @@ class ImageFlow(nn.Module):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if k == 1:
-            log_px = self.log_weights(x_int)
+            log_px = self.log_weights(x_int, labels)
         else:
             b = x_int.shape[0]
             per_pass = max(1, MAX_IMAGES_PER_PASS // b)
             chunks = []
             for start in range(0, k, per_pass):
                 m = min(per_pass, k - start)
-                w = self.log_weights(x_int.repeat(m, 1, 1, 1))
+                ys = labels.repeat(m) if labels is not None else None
+                w = self.log_weights(x_int.repeat(m, 1, 1, 1), ys)
                 chunks.append(w.view(m, b))
             log_px = torch.logsumexp(torch.cat(chunks, 0), dim=0) - math.log(k)
         return -log_px / (self.dim * math.log(2))

@@ -70,6 +70,25 @@ def _real_images(cfg: DictConfig, model: ImageFlow, index: list[int]) -> torch.T
     return torch.stack([dataset[i][0] for i in index])
 
 
+def _label(cfg: DictConfig, model: ImageFlow) -> int | None:
+    """``label=`` for class-conditional sampling, checked against the model."""
+    label = cfg.get("label")
+    if label is None:
+        return None
+    if not model.num_classes:
+        raise ConfigError(
+            "label= needs a class-conditional checkpoint (trained with model.conditional=true); "
+            "this one models p(x) without labels"
+        )
+    try:
+        label = int(label)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"label must be a class number, got {label!r}") from err
+    if not 0 <= label < model.num_classes:
+        raise ConfigError(f"label must be in [0, {model.num_classes - 1}], got {label}")
+    return label
+
+
 def _default_out(ckpt: Path, mode: str) -> Path:
     suffix = {"grid": ".png", "npz": ".npz"}.get(mode, f".{mode}.png")
     return ckpt.parent.parent / "samples" / f"{ckpt.stem}{suffix}"
@@ -99,7 +118,8 @@ def sample(cfg: DictConfig) -> Path:
     weights = " (EMA weights)" if model.uses_ema else ""
 
     if mode == "grid":
-        save_image(sample_grid(model, temps, n, nrow=nrow, seed=seed), out)
+        label = _label(cfg, model)
+        save_image(sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label), out)
         print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
     elif mode == "interpolate":
         x = _real_images(cfg, model, index)
