@@ -7,6 +7,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -24,8 +25,9 @@ from nfcv.api import resolve
 from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, ValBpdHistogram
 from nfcv.errors import user_errors
 from nfcv.grid import sample_grid
+from nfcv.guard import NumericalGuard
 from nfcv.lit import FlowModule
-from nfcv.resume import Preemption, ResumeState, resume_checkpoint
+from nfcv.resume import LAST, Preemption, ResumeState, resume_checkpoint
 from nfcv.sweep import write_status
 
 log = logging.getLogger("nfcv")
@@ -52,8 +54,30 @@ def _run_dir() -> Path:
     return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+def _guard(cfg: DictConfig, last: Path) -> list[NumericalGuard]:
+    """The numerical guard of the ``guard:`` block (absent in older configs: the defaults)."""
+    guard = cfg.get("guard") or {}
+    if not guard.get("enabled", True):
+        return []
+    precision = str(cfg.trainer.get("precision", "32"))
+    return [
+        NumericalGuard(
+            last,
+            max_bad_steps=int(guard.get("max_bad_steps", 5)),
+            lr_factor=float(guard.get("lr_factor", 0.5)),
+            max_rollbacks=int(guard.get("max_rollbacks", 3)),
+            # float16's GradScaler skips its own overflowing steps: not a divergence.
+            check_grads=not precision.startswith("16"),
+        )
+    ]
+
+
+def train(
+    cfg: DictConfig, run_dir: Path | None = None, callbacks: Sequence[L.Callback] = ()
+) -> dict:
     """Fit, then test the best checkpoint (by val bpd).
+
+    `callbacks`: more Lightning callbacks (tests use them to inject faults).
 
     Returns a summary: test and best val bpd, steps, times, paths, and the `FlowModule` (holding
     the best weights).
@@ -93,6 +117,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
     )
     speed = TrainSpeed()
+    extra_callbacks = list(callbacks)
     callbacks = [
         checkpoint,
         latest,
@@ -105,6 +130,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         ValBpdHistogram(),
         ResumeState(),
         Preemption(ckpt_dir),
+        *_guard(cfg, ckpt_dir / LAST),
+        *extra_callbacks,
     ]
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir)
