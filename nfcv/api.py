@@ -169,9 +169,14 @@ def load(
     has one (trained with ``ema.decay``) and the trained weights otherwise; True insists on the
     average (a `CheckpointError` without it); False loads the trained weights.
 
+    `path` may also be a ``.safetensors`` file written by ``nfcv-export`` (weights and config,
+    no pickle at all); it holds one set of weights, and `ema` must not ask for the other.
+
     The returned model has a ``config`` attribute holding the resolved train config and a
     ``uses_ema`` attribute saying which weights it holds.
     """
+    if Path(path).suffix == ".safetensors":
+        return _load_safetensors(Path(path), map_location, ema)
     ckpt = read_checkpoint(path)
     check_targets(ckpt["hyper_parameters"]["cfg"], str(path))
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
@@ -200,4 +205,28 @@ def load(
         ) from err
     model.config = cfg
     model.uses_ema = bool(ema)
+    return model.to(map_location).eval()
+
+
+def _load_safetensors(path: Path, map_location: str | torch.device, ema: bool | None) -> ImageFlow:
+    from nfcv.export import read_safetensors
+
+    tensors, info = read_safetensors(path)
+    check_targets(info["config"], str(path))
+    is_ema = info["weights"] == "ema"
+    if ema is not None and bool(ema) != is_ema:
+        raise CheckpointError(
+            f"{path} holds the {'EMA' if is_ema else 'trained'} weights only, and ema={ema} asks "
+            "for the other set: export them with nfcv-export ema=..., or load with ema=null"
+        )
+    cfg = OmegaConf.create(info["config"])
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {path} do not match the model its config describes: {err}"
+        ) from err
+    model.config = cfg
+    model.uses_ema = is_ema
     return model.to(map_location).eval()
