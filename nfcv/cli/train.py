@@ -134,7 +134,13 @@ def train(
         *extra_callbacks,
     ]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir)
+        cfg.trainer,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        # Checkpoints go to a temporary file and are renamed over the old one: a process killed
+        # while writing last.ckpt leaves the previous one whole.
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
