@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 
 from nfcv.api import resolve
 from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, ValBpdHistogram
+from nfcv.checkpoint_io import AtomicCheckpointIO
 from nfcv.errors import user_errors
 from nfcv.grid import sample_grid
 from nfcv.guard import NumericalGuard
