@@ -65,8 +65,10 @@ class FlowModule(L.LightningModule):
         return averaged if averaged is not None else self.model
 
     def _bpd(self, batch, check: bool = True, model: ImageFlow | None = None) -> torch.Tensor:
-        x, _ = batch
-        return (model if model is not None else self.model).bits_per_dim(x, check=check)
+        x, labels = batch
+        model = model if model is not None else self.model
+        labels = labels if model.num_classes else None  # p(x | y) for class-conditional models
+        return model.bits_per_dim(x, check=check, labels=labels)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # The data module validated every pixel at setup; re-check the first batch only (the range

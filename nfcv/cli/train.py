@@ -18,13 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torchvision.utils import save_image
 
 from nfcv.api import resolve
 from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, ValBpdHistogram
 from nfcv.checkpoint_io import AtomicCheckpointIO
-from nfcv.errors import user_errors
+from nfcv.errors import ConfigError, user_errors
 from nfcv.grid import sample_grid
 from nfcv.guard import NumericalGuard
 from nfcv.lit import FlowModule
@@ -99,6 +99,15 @@ def train(
     datamodule = instantiate(cfg.data)
     datamodule.shuffle_seed = int(cfg.seed)  # the training order: from (seed, epoch)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
+    if cfg.model.get("conditional", False):
+        classes = getattr(datamodule, "num_classes", None)
+        if not classes:
+            raise ConfigError(
+                f"model.conditional=true needs labels, and data {cfg.data.name} has none: use a "
+                "labelled dataset or model.conditional=false"
+            )
+        with open_dict(cfg):
+            cfg.model.num_classes = int(classes)
     plain_cfg = resolve(cfg)
     module = FlowModule(plain_cfg, data_info=datamodule.describe())
 
