@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nfcv.errors import CheckpointError, ConfigError
 from nfcv.flows.base import Bijector
+from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
 
 CONFIG_MODULE = "nfcv.configs"
@@ -113,6 +114,7 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
         )
         if model_cfg.get("checkpoint_grads", False):
             model.checkpoint_networks(True)
+        name_layers(model)  # a singular 1x1 conv is reported by its path in the model
         return model
     except ConfigError:
         raise
@@ -205,6 +207,7 @@ def load(
         ) from err
     model.config = cfg
     model.uses_ema = bool(ema)
+    name_layers(model, singular="raise")  # evaluation: never invert a singular 1x1 conv
     return model.to(map_location).eval()
 
 
@@ -229,4 +232,5 @@ def _load_safetensors(path: Path, map_location: str | torch.device, ema: bool | 
         ) from err
     model.config = cfg
     model.uses_ema = is_ema
+    name_layers(model, singular="raise")
     return model.to(map_location).eval()

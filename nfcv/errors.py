@@ -25,6 +25,11 @@ class DataRangeError(NfcvError, ValueError):
     """Pixel values outside ``[0, num_bins - 1]`` or not integers."""
 
 
+class NumericalError(NfcvError, ArithmeticError):
+    """A model that cannot be evaluated reliably, e.g. a 1x1 convolution that is (nearly)
+    singular, or non-finite values where a figure is reported."""
+
+
 class CheckpointError(NfcvError):
     """A checkpoint that is missing, unreadable or not an nfcv checkpoint."""
 

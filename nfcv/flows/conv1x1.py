@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nfcv.errors import NumericalError
 from nfcv.flows.base import Bijector, at_least_float32, check_channels, no_autocast
+
+# A plain (not LU) 1x1 conv is reported when |det W| falls below this: its inverse then amplifies
+# float32 rounding by a factor of the order of 1/|det| (LU convs cannot get there unnoticed:
+# their log|s| is the parameter).
+MIN_ABS_DET = 1e-6
 
 
 def _random_rotation(n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -15,11 +24,41 @@ def _random_rotation(n: int, generator: torch.Generator | None = None) -> Tensor
     return q
 
 
+def _inverse(w: Tensor) -> Tensor:
+    """W^-1; the pseudo-inverse for an exactly singular W (already reported by
+    `_check_invertible`), so that sample grids during training do not stop the run."""
+    inverse, info = torch.linalg.inv_ex(w)
+    return torch.linalg.pinv(w) if bool(info.any()) else inverse
+
+
 class _Conv1x1Base(Bijector):
+    # What inverting a (nearly) singular matrix does: "warn" (training: the sample grids must
+    # not stop a run) or "raise" a `NumericalError` (models from `nfcv.load`: eval, sampling).
+    singular = "warn"
+    min_abs_det = MIN_ABS_DET
+    layer_name: str | None = None  # its path in the model (`name_layers`), for the report
+
     def __init__(self, num_channels: int):
         super().__init__()
         self.num_channels = num_channels
         self._inv_cache: tuple[tuple, Tensor] | None = None
+
+    def _check_invertible(self, log_abs_det: Tensor) -> None:
+        """Report a matrix whose |det| is below `min_abs_det` instead of inverting it silently."""
+        worst = float(log_abs_det.detach().min())
+        if worst >= math.log(self.min_abs_det):
+            return
+        name = self.layer_name or type(self).__name__
+        message = (
+            f"1x1 convolution {name}: |det W| = {math.exp(worst):.3g} is below "
+            f"{self.min_abs_det:g}, so W is (nearly) singular and its inverse is unreliable"
+        )
+        if self.singular == "raise":
+            raise NumericalError(
+                f"{message}: the model cannot be inverted (sampling, reconstructions). Train "
+                "with model.permutation=lu, whose 1x1 convolutions stay invertible"
+            )
+        warnings.warn(f"{message} (model.permutation=lu avoids it)", RuntimeWarning, stacklevel=4)
 
     def weight(self) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -77,7 +116,9 @@ class InvConv1x1(_Conv1x1Base):
         return self.w
 
     def _weight_inverse64(self) -> Tensor:
-        return torch.linalg.inv(self.w.double())
+        w = self.w.double()
+        self._check_invertible(torch.linalg.slogdet(w)[1])
+        return _inverse(w)
 
     def log_abs_det(self) -> Tensor:
         return torch.linalg.slogdet(self.w.double())[1]
@@ -175,7 +216,9 @@ class BlockInvConv1x1(_Conv1x1Base):
         return self.w
 
     def _weight_inverse64(self) -> Tensor:
-        return torch.linalg.inv(self.w.double())
+        w = self.w.double()
+        self._check_invertible(torch.linalg.slogdet(w)[1])  # each block on its own
+        return _inverse(w)
 
     def log_abs_det(self) -> Tensor:
         return torch.linalg.slogdet(self.w.double())[1].sum()
@@ -195,3 +238,13 @@ class BlockInvConv1x1(_Conv1x1Base):
             x = F.conv2d(z, w_inv, groups=self.groups)
         logdet = -(z.shape[2] * z.shape[3]) * self.log_abs_det().to(z.dtype)
         return x, logdet.expand(z.shape[0])
+
+
+def name_layers(root: nn.Module, singular: str | None = None) -> None:
+    """Give every 1x1 conv of `root` its path in the model (named in reports) and, if given,
+    the `singular` policy ("warn" or "raise")."""
+    for name, module in root.named_modules():
+        if isinstance(module, _Conv1x1Base):
+            module.layer_name = name or type(module).__name__
+            if singular is not None:
+                module.singular = singular
