@@ -11,11 +11,53 @@ from omegaconf import OmegaConf
 import nfcv
 
 CONFIGS = Path(nfcv.__file__).resolve().parent.parent / "configs"
-GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# Every group, nested ones too (hydra/launcher): any folder of the tree holding a yaml file.
+GROUPS = sorted(
+    p.parent.relative_to(CONFIGS).as_posix()
+    for p in CONFIGS.rglob("*.yaml")
+    if p.parent != CONFIGS and not p.parent.name.startswith("_")
+)
+GROUPS = sorted(set(GROUPS))
+ROOT_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))  # train, sample, eval, export
+# How each group is checked below; a new group fails test_every_config_file_is_covered.
+INSTANTIATED = ("model", "data", "trainer", "dequant", "optim")
+CHECKED_ELSEWHERE = ("experiment", "layer", "hydra/launcher")
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_every_config_file_is_covered():
+    """Every yaml file of the tree is one of the root configs or an option of a group that a
+    test below composes and instantiates, so a new file or group cannot slip past them."""
+    assert set(GROUPS) == set(INSTANTIATED) | set(CHECKED_ELSEWHERE), GROUPS
+    for path in CONFIGS.rglob("*.yaml"):
+        group = path.parent.relative_to(CONFIGS).as_posix()
+        assert group == "." or group in GROUPS, path
+    assert set(ROOT_CONFIGS) == {"train", "sample", "eval", "export"}
+
+
+@pytest.mark.parametrize("option", _options("layer"))
+def test_every_layer_config_builds(option):
+    shape = (2, 2, 2) if option == "ffjord" else (4, 4, 4)
+    layer = nfcv.build_layer(option, shape)
+    assert isinstance(layer, nfcv.flows.base.Bijector)
+    assert option in nfcv.layer_names()
+
+
+@pytest.mark.parametrize("option", _options("hydra/launcher"))
+def test_every_launcher_composes_and_instantiates(option):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("nfcv.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={option}"], return_hydra_config=True)
+    launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)  # ${hydra.sweep...}
+    launcher = instantiate(launcher_cfg)
+    assert "submitit" in type(launcher).__module__
 
 
 def test_the_tree_has_the_documented_groups():
@@ -24,7 +66,7 @@ def test_the_tree_has_the_documented_groups():
 
 @pytest.mark.parametrize(
     "group, option",
-    [(g, o) for g in GROUPS if g not in ("experiment", "layer") for o in _options(g)],
+    [(g, o) for g in INSTANTIATED for o in _options(g)],
 )
 def test_every_option_composes_and_instantiates(group, option):
     cfg = nfcv.compose([f"{group}={option}"])
@@ -65,6 +107,6 @@ def test_configs_ship_inside_the_package():
 
 
 def test_sample_and_eval_configs_compose():
-    for name in ("sample", "eval"):
+    for name in ("sample", "eval", "export"):
         cfg = nfcv.compose(["ckpt=x.ckpt"], config_name=name)
         assert cfg.ckpt == "x.ckpt"
