@@ -76,7 +76,8 @@ class ResumableShuffle(Sampler[int]):
 
     def _share(self, epoch: int) -> torch.Tensor:
         rank, world = _rank_world()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**63: an unseeded torch's initial seed is a full 64-bit number.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
         perm = torch.randperm(self.n, generator=g)
         usable = self.n - self.n % world
         return perm[:usable][rank::world]

@@ -59,6 +59,7 @@ def test_samplers_split_the_data_exactly(monkeypatch):
     assert sorted(first) == list(range(10)) and first == list(ResumableShuffle(10, seed=3))
     second = list(sampler)
     assert second != first  # a new order every epoch, counted by the sampler itself
+    assert len(list(ResumableShuffle(10, seed=2**64 - 1))) == 10  # an unseeded torch's seed
     sampler.set_epoch(7)  # Lightning's counter is ignored
     sampler.resume_at(0, skip=4)
     assert list(sampler) == first[4:] and list(sampler) == second  # skip applies once
