@@ -207,6 +207,7 @@ def load(
         ) from err
     model.config = cfg
     model.uses_ema = bool(ema)
+    model.data_info = (ckpt.get("hyper_parameters") or {}).get("data_info") or {}
     name_layers(model, singular="raise")  # evaluation: never invert a singular 1x1 conv
     return model.to(map_location).eval()
 
@@ -232,5 +233,6 @@ def _load_safetensors(path: Path, map_location: str | torch.device, ema: bool | 
         ) from err
     model.config = cfg
     model.uses_ema = is_ema
+    model.data_info = info.get("data_info") or {}
     name_layers(model, singular="raise")
     return model.to(map_location).eval()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the README's results table on this machine: the default run (Glow on the embedded
-# digits) and the foundation benchmark (Glow on Fashion-MNIST, 600 steps). Prints the summary
-# line of each run; the figures in the README come from this script.
+# digits), the other presets on the same data, and the foundation benchmark (Glow on
+# Fashion-MNIST, 600 steps). Prints the summary line of each run; the figures in the README come
+# from this script (about 20 minutes on 2 idle cores).
 #   bash scripts/reproduce_results.sh [FASHION_MNIST_ROOT]
 set -euo pipefail
 fashion_root=${1:-../shared/data/fashion-mnist}
@@ -11,3 +12,10 @@ echo "== default run: nfcv-train"
 echo "== benchmark: Glow on Fashion-MNIST, 600 steps"
 /usr/bin/time -f "wall %e s" nfcv-train experiment=glow_fashion_mnist "data.root=$fashion_root" \
   trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|img/s|wall"
+for args in "model=flowpp dequant=variational" "model=flowpp" "model=realnvp" "model=nice" \
+  "model.coupling=spline"; do
+  echo "== digits: nfcv-train $args"
+  # shellcheck disable=SC2086
+  /usr/bin/time -f "wall %e s" nfcv-train $args trainer.enable_progress_bar=false 2>&1 |
+    grep -E "^nfcv:|wall"
+done

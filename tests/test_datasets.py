@@ -598,7 +598,7 @@ def test_checkpoint_and_eval_json_record_the_same_data(tmp_path, tiny):
     ckpt = Path(summary["last_ckpt"])
     info = torch.load(ckpt, weights_only=True)["hyper_parameters"]["data_info"]
     assert info["name"] == "cifar10" and info["image_shape"] == [3, 32, 32]
-    assert info["num_bins"] == 256 and info["split_sizes"] == {"train": 20, "val": 5}
+    assert info["num_bins"] == 256 and info["split_sizes"] == {"train": 20, "val": 5, "test": 3}
     assert info["preprocessing"]["hflip_train"] is True
     assert info["preprocessing"]["md5_checked"] is False  # verify=false
     assert info["files"]["count"] == 7 and len(info["files"]["sha256"]) == 64
@@ -606,6 +606,7 @@ def test_checkpoint_and_eval_json_record_the_same_data(tmp_path, tiny):
         nfcv.compose([f"ckpt={ckpt}", "progress=false"], config_name="eval"), ckpt, "run"
     )
     assert record["data"]["files"]["sha256"] == info["files"]["sha256"]
+    assert record["same_files_as_training"] is True
     assert record["data"]["split_sizes"]["test"] == 3
     json.dumps(record["data"])  # plain containers
 
@@ -640,7 +641,8 @@ def test_real_fashion_mnist_trains_end_to_end(tmp_path, tiny):
     # these 150 steps of a width-32 Glow reached 6.44 when this test was written.
     assert summary["test_bpd"] < 7.0, summary["test_bpd"]
     info = torch.load(summary["last_ckpt"], weights_only=True)["hyper_parameters"]["data_info"]
-    assert info["split_sizes"] == {"train": 55000, "val": 5000} and info["files"]["count"] == 4
+    sizes = {"train": 55000, "val": 5000, "test": 10000}
+    assert info["split_sizes"] == sizes and info["files"]["count"] == 4
 
 
 def _rss_kib() -> int:

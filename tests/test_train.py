@@ -71,7 +71,7 @@ def test_checkpoint_holds_only_plain_containers(tiny_run):
     hp = ckpt["hyper_parameters"]
     assert type(hp["cfg"]) is dict and type(hp["cfg"]["model"]) is dict
     assert hp["cfg"]["model"]["flow"]["num_levels"] == 2  # resolved, not "${model.levels}"
-    assert hp["data_info"]["split_sizes"] == {"train": 1350, "val": 150}
+    assert hp["data_info"]["split_sizes"] == {"train": 1350, "val": 150, "test": 297}
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
         "seconds": round(time.perf_counter() - start, 2),
         "nfcv_version": nfcv.__version__,
     }
+    # Same data as in training? Comparable only for the same dataset (not data=... OOD scores).
+    trained = (getattr(model, "data_info", None) or {}).get("files", {}).get("sha256")
+    now = (record["data"].get("files") or {}).get("sha256")
+    if trained and now and record["data"].get("name") == record["trained_on"]:
+        record["same_files_as_training"] = trained == now
+        if trained != now:
+            print(
+                f"nfcv: warning: the {record['trained_on']} files read now (sha256 {now[:12]}) "
+                f"differ from those the checkpoint was trained on ({trained[:12]}): the figure "
+                "is not comparable with the run's own",
+                file=sys.stderr,
+            )
     return record, result
 
 

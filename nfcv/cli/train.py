@@ -99,6 +99,9 @@ def train(
     datamodule = instantiate(cfg.data)
     datamodule.shuffle_seed = int(cfg.seed)  # the training order: from (seed, epoch)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
+    # The test split too: its files are checked before training rather than after it, and the
+    # checkpoint's data record gives the size of every split.
+    datamodule.setup("test")
     if cfg.model.get("conditional", False):
         classes = getattr(datamodule, "num_classes", None)
         if not classes:
