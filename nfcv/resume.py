@@ -12,14 +12,13 @@ checkpoint or derived from it:
 - the global RNG streams (dequantization noise, dropout): `ResumeState` saves them with every
   checkpoint and restores them right before the first batch after a resume.
 
-`Preemption` saves ``last.ckpt`` when SIGTERM (or SLURM's pre-timeout signal) arrives, at the end
+`Preemption` saves ``last.ckpt`` when SIGTERM arrives, at the end
 of the batch in progress; ``nfcv-train ... resume=auto`` continues from it.
 """
 
 from __future__ import annotations
 
 import random
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -200,29 +199,16 @@ class ResumeState(L.Callback):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM (Lightning stops at the end of the batch in progress) or SIGUSR1/SIGUSR2
-    (SLURM's pre-timeout signals, when nothing else handles them), save ``last.ckpt`` so the
-    requeued job continues from here with ``resume=auto``."""
+    """On SIGTERM Lightning stops at the end of the batch in progress and raises
+    `SIGTERMException`; this saves ``last.ckpt`` then, so the requeued job continues from here
+    with ``resume=auto``. (SLURM's pre-timeout signals are left to submitit and to Lightning's
+    SLURM requeue, whose ``hpc_ckpt_*.ckpt`` `resume_checkpoint` also finds.)"""
 
-    def __init__(self, ckpt_dir: Path, signals: tuple[int, ...] = ()):
+    def __init__(self, ckpt_dir: Path):
         self.ckpt_dir = Path(ckpt_dir)
-        self.signals = signals
-        self.preempted = False
-        self._trainer: L.Trainer | None = None
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._trainer is not None:
-            self._trainer.received_sigterm = True
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._trainer = trainer
-        for sig in self.signals:
-            if signal.getsignal(sig) in (signal.SIG_DFL, signal.SIG_IGN, None):
-                signal.signal(sig, self._on_signal)
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            self.preempted = True
             trainer.save_checkpoint(self.ckpt_dir / LAST)
 
 

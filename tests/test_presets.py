@@ -130,14 +130,14 @@ def test_importance_weighted_bound_is_jensen_tight_and_improves_with_k():
     assert k16 < k1 - 1e-3, (k16, k1)
 
 
-def test_uniform_dequantization_k_does_not_bias_a_flow_without_q():
-    """For uniform dequantization and a model whose density is exactly uniform on [0, 1]^D (all
-    weights equal), every k gives log2(num_bins) bits per dim exactly."""
+def test_uniform_dequantization_k16_is_no_looser_than_k1_on_average():
+    """Uniform dequantization: the k=16 bound is, in expectation, no larger than the k=1 one
+    (Jensen; equal only for a density flat within every bin). Fresh noise for each, so the check
+    is statistical: k=16 may not exceed the mean of 16 single-sample bounds by more than three
+    standard errors over the images."""
     model = nfcv.build_model(
         nfcv.compose(["data=digits", *PRESETS["nice"], "model.prior=gaussian"])
     ).double()
-    # NICE at init is the identity; with a Gaussian base the density is not uniform, so compare
-    # k=1 and k=16 in expectation instead: the same mean within a few standard errors.
     x = torch.randint(0, 17, (64, 1, 8, 8))
     torch.manual_seed(0)
     k1 = torch.stack([model.bits_per_dim(x) for _ in range(16)])
