@@ -40,7 +40,7 @@ def test_sigkill_during_writes_leaves_a_loadable_checkpoint(tmp_path):
     rng = random.Random(0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torn_writes, step = 0, 0
-    for _ in range(3):
+    for attempt in range(3):
         child = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path), str(step)],
             stdout=subprocess.PIPE,
@@ -48,7 +48,13 @@ def test_sigkill_during_writes_leaves_a_loadable_checkpoint(tmp_path):
             env=env,
         )
         first = int(child.stdout.readline())  # one whole write first: the file exists
-        time.sleep(rng.uniform(0.0, 0.5))
+        if attempt == 0:
+            # Once for certain in the middle of a write: as soon as a temporary file appears.
+            deadline = time.time() + 60
+            while not any(tmp_path.glob(".last.ckpt.tmp-*")) and time.time() < deadline:
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.0, 0.5))  # and at random moments
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
         printed = [first, *(int(s) for s in child.stdout.read().split())]
