@@ -7,6 +7,10 @@ __version__ = "0.1.0"
 # Used by data configs: num_bins: ${pow2:${.num_bits}}.
 OmegaConf.register_new_resolver("pow2", lambda bits: 2 ** int(bits), replace=True)
 
+from nfcv.schema import register as _register_schemas  # noqa: E402
+
+_register_schemas()
+
 from nfcv.api import build_model, compose, load  # noqa: E402
 from nfcv.catalogue import build_layer, layer_names  # noqa: E402
 from nfcv.model import ImageFlow  # noqa: E402

@@ -631,7 +631,7 @@ def test_real_fashion_mnist_trains_end_to_end(tmp_path, tiny):
             "model.steps": "2",
             "trainer.max_steps": "150",
             "trainer.val_check_interval": "75",
-            "+trainer.limit_val_batches": "2",
+            "trainer.limit_val_batches": "2",
             "sample.every_n_steps": "75",
             "data.batch_size": "32",
         }

@@ -1,0 +1,275 @@
+"""Structured-config schemas of the config groups: a mistyped key or a value of the wrong type
+fails when Hydra composes the config, before any data is read, with Hydra's message.
+
+Each YAML file of the ``data``, ``model``, ``dequant``, ``optim`` and ``trainer`` groups starts
+from one of these dataclasses (stored in Hydra's ConfigStore under ``schema/<group>/<name>``)::
+
+    defaults:
+      - /schema/model@_here_: glow
+      - _self_
+
+so the file, experiments and command-line overrides are merged onto a typed node: an unknown key
+(``model.hiden=64``) or a value that does not convert (``model.steps=four``) is an error naming
+the key. Fields typed ``Any`` hold the nested ``_target_`` blocks that ``hydra.utils.instantiate``
+builds; their classes check their own arguments.
+
+The trainer's schema lists every argument of ``lightning.Trainer``, so any of them can be set
+(``trainer.accumulate_grad_batches=8``, no ``+``) and nothing else.
+
+`register()` runs when ``nfcv`` is imported, so before Hydra composes anything from the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# ----------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSchema:
+    """Keys every data module takes (`nfcv.data`)."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    image_shape: list[int] = MISSING  # [channels, height, width]
+    num_bins: int = MISSING  # quantisation levels of a pixel (2 ** num_bits)
+    val_size: int | None = None
+    split_seed: int = 0
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+
+
+@dataclass
+class DigitsSchema(DataSchema):
+    test_size: int = 297
+
+
+@dataclass
+class FileDataSchema(DataSchema):
+    """Datasets read from files under ``root``."""
+
+    root: str = MISSING
+    download: bool = False
+    num_bits: int = 8
+    hflip: bool = False
+    checksum: bool = True
+
+
+@dataclass
+class VerifiedDataSchema(FileDataSchema):
+    """Datasets whose files torchvision checks against its MD5 list."""
+
+    verify: bool = True
+
+
+@dataclass
+class SVHNSchema(VerifiedDataSchema):
+    extra: bool = False
+
+
+@dataclass
+class CelebASchema(VerifiedDataSchema):
+    crop: list[int] | None = None  # top, left, height, width
+    resample: str = "bilinear"
+
+
+@dataclass
+class CelebAHQSchema(FileDataSchema):
+    resample: str = "bilinear"
+    test_size: int = 3000
+
+
+@dataclass
+class FolderSchema(FileDataSchema):
+    test_root: str | None = None
+    test_size: int = 1000
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelSchema:
+    """Keys every model preset has (`nfcv.build_model` reads them)."""
+
+    name: str = MISSING
+    image_shape: list[int] = MISSING
+    num_bins: int = MISSING
+    conditional: bool = False  # class-conditional prior on the top latent
+    num_classes: int | None = None  # set by nfcv-train from the data when conditional
+    preprocess: Any = None  # a bijection applied first (`_target_` block) or null
+    flow: Any = MISSING  # the flow (`_target_` block)
+
+
+@dataclass
+class GlowSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    levels: int = 2
+    steps: int = 8
+    hidden: int = 48
+    dropout: float = 0.0
+    coupling: str = "affine"
+    permutation: str = "lu"
+    norm: str = "actnorm"
+    coupling_net: Any = None
+    choices: Any = None  # the catalogue layers `coupling`, `permutation` and `norm` pick from
+
+
+@dataclass
+class MAFSchema(GlowSchema):
+    autoregressive: str = "maf"  # maf | iaf
+
+
+@dataclass
+class NICESchema(ModelSchema):
+    couplings: int = 4
+    hidden: int = 256
+    layers: int = 4
+    prior: str = "logistic"  # logistic | gaussian
+    data_init: bool = True
+
+
+@dataclass
+class RealNVPSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    scales: int = 2
+    hidden: int = 32
+    blocks: int = 2
+    alpha: float = 0.05
+
+
+@dataclass
+class FlowPPSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    scales: list[list[int]] = field(default_factory=lambda: [[0, 4], [2, 3]])
+    factor_out: bool = False
+    hidden: int = 32
+    blocks: int = 2
+    components: int = 4
+    heads: int = 4
+    dropout: float = 0.0
+    alpha: float = 0.05
+
+
+# -------------------------------------------------------------------------------------- dequant
+
+
+@dataclass
+class UniformSchema:
+    _target_: str = "nfcv.dequant.UniformDequantization"
+
+
+@dataclass
+class VariationalSchema:
+    _target_: str = "nfcv.dequant.VariationalDequantization"
+    image_shape: list[int] = MISSING
+    num_steps: int = 4
+    context_channels: int = 16
+    context_blocks: int = 3
+    dropout: float = 0.0
+    coupling: Any = MISSING  # the coupling of each step (`_target_` block, partial)
+
+
+# ---------------------------------------------------------------------------------------- optim
+
+
+@dataclass
+class OptimSchema:
+    optimizer: Any = MISSING  # a partial torch.optim class (`_target_` block)
+    warmup_steps: int = 100
+    decay: str = "cosine"  # none | cosine
+    total_steps: int = MISSING
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerSchema:
+    """Every argument of ``lightning.Trainer`` (2.x) with its default, but the ones nfcv sets
+    itself (logger, callbacks, plugins, default_root_dir). ``Any`` where Lightning takes several
+    types (devices: 2, "auto" or [0, 1]; val_check_interval: an int counts batches, a float is a
+    fraction of an epoch). tests/test_schema.py checks the fields against Trainer's signature."""
+
+    _target_: str = "lightning.Trainer"
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    precision: Any = None
+    fast_dev_run: Any = False
+    max_epochs: int | None = None
+    min_epochs: int | None = None
+    max_steps: int = -1
+    min_steps: int | None = None
+    max_time: Any = None
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    limit_predict_batches: Any = None
+    overfit_batches: Any = 0.0
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int | None = None
+    log_every_n_steps: int | None = None
+    enable_checkpointing: bool | None = None
+    enable_progress_bar: bool | None = None
+    enable_model_summary: bool | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None  # norm | value
+    deterministic: Any = None  # true | false | warn
+    benchmark: bool | None = None
+    inference_mode: bool = True
+    use_distributed_sampler: bool = True
+    profiler: str | None = None  # simple | advanced | pytorch
+    detect_anomaly: bool = False
+    barebones: bool = False
+    sync_batchnorm: bool = False
+    reload_dataloaders_every_n_epochs: int = 0
+    enable_autolog_hparams: bool = True
+    model_registry: str | None = None
+
+
+# Arguments of lightning.Trainer that nfcv passes itself: not in the schema.
+TRAINER_OWN = ("logger", "callbacks", "plugins", "default_root_dir")
+
+
+# ------------------------------------------------------------------------------------- register
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "data": {
+        "base": DataSchema,
+        "digits": DigitsSchema,
+        "files": FileDataSchema,
+        "verified": VerifiedDataSchema,
+        "svhn": SVHNSchema,
+        "celeba": CelebASchema,
+        "celeba_hq": CelebAHQSchema,
+        "folder": FolderSchema,
+    },
+    "model": {
+        "glow": GlowSchema,
+        "maf": MAFSchema,
+        "nice": NICESchema,
+        "realnvp": RealNVPSchema,
+        "flowpp": FlowPPSchema,
+    },
+    "dequant": {"uniform": UniformSchema, "variational": VariationalSchema},
+    "optim": {"optim": OptimSchema},
+    "trainer": {"trainer": TrainerSchema},
+}
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore, under ``schema/<group>/<name>``."""
+    store = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
