@@ -40,7 +40,16 @@ class ZeroConv2d(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return float32_conv(self.conv, x) * torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR)
+        # conv(x) * e = conv with weight W * e and bias b * e: the output scale folded into the
+        # (small) weights instead of a pass over the output.
+        scale = torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR).view(-1)
+        with no_autocast(x):
+            return F.conv2d(
+                at_least_float32(x),
+                self.conv.weight * scale[:, None, None, None],
+                self.conv.bias * scale,
+                padding=self.conv.padding,
+            )
 
 
 class _ActNormAct(nn.Module):
@@ -52,6 +61,19 @@ class _ActNormAct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(x)[0])
+
+    def after_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """``self(conv(x))`` as one convolution: ``(W x + loc) * s = (s W) x + s loc``, so the
+        normalisation costs a rescaling of the weights, not two passes over the activations;
+        the ReLU runs in place on the convolution's output (which its backward does not need).
+        Before the data-dependent init (the first training batch) it takes the plain path."""
+        norm = self.norm
+        if norm.training and not bool(norm.initialized):
+            return self(conv(x))
+        scale = torch.exp(norm.log_scale).view(-1)
+        weight = conv.weight * scale[:, None, None, None]
+        bias = norm.loc.view(-1) * scale
+        return F.relu_(F.conv2d(x, weight, bias, padding=conv.padding))
 
 
 class GlowNet(nn.Module):
@@ -81,7 +103,12 @@ class GlowNet(nn.Module):
         nn.init.normal_(self.net[2].weight, std=0.05)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        conv1, norm1, conv2, norm2, dropout, conv_out = self.net
+        h = norm1.after_conv(conv1, x)
+        h = norm2.after_conv(conv2, h)
+        if dropout.p > 0:
+            h = dropout(h)
+        return conv_out(h)
 
 
 class ResNetNet(nn.Module):

@@ -52,6 +52,15 @@ class VectorAdditiveCoupling(Bijector):
         self.net = net(len(keep), len(change))
 
     def _couple(self, x: Tensor, sign: float) -> Tensor:
+        if self.dim % 2 == 0:  # element 2i + p is pair i's p-th: strided views, no gather
+            pairs = x.reshape(x.shape[0], self.dim // 2, 2)
+            kept = pairs[..., self.parity]
+            changed = pairs[..., 1 - self.parity] + sign * self.net(kept)
+            parts = (kept, changed) if self.parity == 0 else (changed, kept)
+            return torch.stack(parts, dim=2).view(x.shape[0], self.dim)
+        return self._couple_indexed(x, sign)
+
+    def _couple_indexed(self, x: Tensor, sign: float) -> Tensor:
         y = x.clone()
         y[:, self.change] = x[:, self.change] + sign * self.net(x[:, self.keep])
         return y

@@ -1,0 +1,416 @@
+"""Speed benchmark: how close training and sampling come to the machine's limit.
+
+    python -m nfcv.bench                                  # every preset, both sizes, this CPU
+    python -m nfcv.bench --presets glow --sizes paper --out glow.json
+    python -m nfcv.bench --device cuda --dtype bf16 --batch 64     # on a GPU
+    python scripts/benchmark.py ...                       # the same
+
+For each preset at each named size it prints and writes as JSON:
+
+- training images per second: one optimizer step is the model's bits per dim on a batch of
+  random integer images (speed does not depend on the pixels), backward, gradient clipping and
+  Adam, as `nfcv.lit.FlowModule` trains; Lightning's own per-step overhead is not included;
+- sampling images per second: ``sample(64)`` in eval mode, and its time against one forward
+  ``transform`` of 64 images (``sample_over_transform``);
+- peak training memory: on CUDA ``torch.cuda.max_memory_allocated``; on a CPU the growth of the
+  process's peak resident memory over the training steps (each configuration runs in its own
+  process, so peaks do not carry over);
+- model FLOPs per image of a training step (forward + backward) and of a forward pass, counted
+  with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions);
+- FLOP utilisation: the training step's achieved FLOP/s over the FLOP/s of a 2048 x 2048 matrix
+  product in the same dtype, with the same threads, measured in the same process just before.
+
+Every time is the median of ``--repeats`` timed repeats after ``--warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# name: (dataset config whose image shape it has, image shape, width, K, L, batch)
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu-small": {
+        "data": "fashion_mnist",
+        "shape": [1, 28, 28],
+        "width": 128,
+        "K": 8,
+        "L": 2,
+        "batch": 64,
+    },
+    # For tests and dry runs only.
+    "tiny": {"data": "digits", "shape": [1, 8, 8], "width": 8, "K": 2, "L": 2, "batch": 4},
+    "paper": {"data": "cifar10", "shape": [3, 32, 32], "width": 512, "K": 8, "L": 3, "batch": 16},
+}
+PRESETS = ("glow", "realnvp", "nice", "flowpp")
+SAMPLE_N = 64
+
+
+def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
+    """How width, K (steps per level) and L (levels) map onto each preset's config.
+
+    Glow: hidden channels, steps, levels (dropout 0, as in the paper). RealNVP: feature maps of
+    the ResNets, scales = L; its steps per scale are the paper's (3 checkerboard + 3 channel),
+    2 residual blocks per network. NICE: units of the MLPs, K couplings (it has no levels).
+    Flow++: filters, the CIFAR-10 scales of the authors' code, 2 blocks, 4 components.
+    """
+    w, k, levels = size["width"], size["K"], size["L"]
+    if preset == "glow":
+        return [
+            f"model.hidden={w}",
+            f"model.steps={k}",
+            f"model.levels={levels}",
+            "model.dropout=0",
+        ]
+    if preset == "realnvp":
+        return [f"model.hidden={w}", f"model.scales={levels}", "model.blocks=2"]
+    if preset == "nice":
+        return [f"model.hidden={w}", f"model.couplings={k}"]
+    if preset == "flowpp":
+        return [f"model.hidden={w}", "model.blocks=2", "model.components=4"]
+    raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of one call of `fn` over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a 2048 x 2048 by 2048 x 2048 matrix product (2 n^3 FLOPs)."""
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
+    return 2 * n**3 / seconds
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set the process's peak resident memory (VmHWM) to its current value (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def build(preset: str, size_name: str, device: torch.device, batch: int | None):
+    """The preset's model at this size (seed 0) and a batch of random integer images."""
+    import nfcv
+
+    size = SIZES[size_name]
+    torch.manual_seed(0)
+    cfg = nfcv.compose(
+        [f"model={preset}", f"data={size['data']}", *preset_overrides(preset, size)]
+    )
+    model = nfcv.build_model(cfg).to(device)
+    assert list(model.image_shape) == size["shape"], (model.image_shape, size)
+    c, h, w = model.image_shape
+    x = torch.randint(0, model.num_bins, (batch or size["batch"], c, h, w), device=device)
+    return model, x
+
+
+def _autocast(device: torch.device, dtype: str):
+    low = torch.bfloat16 if dtype == "bf16" else None
+    return torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
+
+
+def train_step_fn(model, x: torch.Tensor, dtype: str) -> Callable[[], None]:
+    """One optimizer step as nfcv trains: bits per dim, backward, clipping, Adam."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with _autocast(x.device, dtype):
+            loss = model.bits_per_dim(x, check=False).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_memory(
+    preset: str,
+    size_name: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batch: int | None = None,
+    checkpoint_grads: bool = False,
+    **_: Any,
+) -> dict[str, Any]:
+    """Peak memory of a training step above what is held between steps (weights, Adam's state),
+    measured after two warm-up steps. On a CPU: the growth of the peak resident memory; main()
+    runs this with MALLOC_MMAP_THRESHOLD_ set, so that freed tensors leave the resident set."""
+    dev = torch.device(device)
+    model, x = build(preset, size_name, dev, batch)
+    if checkpoint_grads:
+        model.checkpoint_networks(True)
+    model.train()
+    step = train_step_fn(model, x, dtype)
+    for _ in range(2):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        step()
+        return {"peak_train_mib": (torch.cuda.max_memory_allocated(dev) - base) / 2**20}
+    base = _status_mib("VmRSS")
+    reset_peak_rss()
+    step()
+    return {"peak_train_mib": _status_mib("VmHWM") - base}
+
+
+def measure(
+    preset: str,
+    size_name: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    batch: int | None = None,
+    checkpoint_grads: bool = False,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> dict[str, Any]:
+    """Speeds and FLOPs of one configuration, in this process."""
+    dev = torch.device(device)
+    model, x = build(preset, size_name, dev, batch)
+    batch = x.shape[0]
+    if checkpoint_grads:
+        model.checkpoint_networks(True)
+    reference = matmul_flops(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model.train()
+    train_step = train_step_fn(model, x, dtype)
+    train_s = timed(train_step, dev, warmup, repeats)
+    train_flops = count_flops(train_step) / batch
+
+    model.eval()
+    c, h, w = model.image_shape
+    gen = torch.Generator(device=dev).manual_seed(0)
+    y64 = (torch.randint(0, model.num_bins, (SAMPLE_N, c, h, w), device=dev) + 0.5) / (
+        model.num_bins
+    )
+    with torch.no_grad():
+        forward_flops = count_flops(lambda: model.transform(y64[:1]))
+
+    def sample() -> None:
+        with torch.no_grad(), _autocast(dev, dtype):
+            model.sample(SAMPLE_N, temperature=0.7, generator=gen)
+
+    def transform() -> None:
+        with torch.no_grad(), _autocast(dev, dtype):
+            model.transform(y64)
+
+    # Flow++'s inverse bisects: slow, and not a target, so fewer repeats.
+    sample_s = timed(sample, dev, 1, repeats if preset != "flowpp" else 1)
+    transform_s = timed(transform, dev, 1, repeats)
+    achieved = train_flops * batch / train_s
+    return {
+        "preset": preset,
+        "size": size_name,
+        "batch": batch,
+        "checkpoint_grads": checkpoint_grads,
+        "dtype": dtype,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_img_per_s": batch / train_s,
+        "train_step_s": train_s,
+        "sample_img_per_s": SAMPLE_N / sample_s,
+        "sample_over_transform": sample_s / transform_s,
+        "train_gflop_per_img": train_flops / 1e9,
+        "forward_gflop_per_img": forward_flops / 1e9,
+        "achieved_gflop_per_s": achieved / 1e9,
+        "matmul_gflop_per_s": reference / 1e9,
+        "flop_utilisation": achieved / reference,
+    }
+
+
+def _child(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh Python process and return its row (or its error)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nfcv.bench", "--one", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
+    if lines:
+        return json.loads(lines[-1][len("BENCH_ROW ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"exit {proc.returncode}: {tail[0]}"}
+
+
+def machine(device: str) -> dict[str, Any]:
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"] = f"{names[0]} x {len(names)}" if names else info["cpu"]
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+COLUMNS = [
+    ("preset", "preset", "{}"),
+    ("size", "size", "{}"),
+    ("batch", "batch", "{}"),
+    ("ckpt", "checkpoint_grads", "{}"),
+    ("train img/s", "train_img_per_s", "{:.1f}"),
+    ("sample img/s", "sample_img_per_s", "{:.1f}"),
+    ("sample/fwd", "sample_over_transform", "{:.2f}"),
+    ("peak MiB", "peak_train_mib", "{:.0f}"),
+    ("GFLOP/img", "train_gflop_per_img", "{:.3f}"),
+    ("GFLOP/s", "achieved_gflop_per_s", "{:.1f}"),
+    ("matmul GFLOP/s", "matmul_gflop_per_s", "{:.1f}"),
+    ("util", "flop_utilisation", "{:.2f}"),
+]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cells = [[h for h, _, _ in COLUMNS]]
+    for row in rows:
+        cells.append(
+            [fmt.format(row[k]) if k in row else "-" for _, k, fmt in COLUMNS]
+            + ([row["error"]] if "error" in row else [])
+        )
+    widths = [max(len(h), 9) for h, _, _ in COLUMNS] + [0]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False)) for r in cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nfcv.bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--sizes", default="cpu-small,paper", help=f"of {', '.join(SIZES)}")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch", type=int, default=None, help="default: the size's batch")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--checkpoint-grads",
+        choices=("off", "on", "both"),
+        default="both",
+        help="gradient checkpointing of the coupling networks; `both`: also an `on` row at the "
+        "paper size for the presets that have it (not NICE)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process
+    args = parser.parse_args(argv)
+
+    if args.one is not None:  # one measurement, in this fresh process: print its row
+        spec = json.loads(args.one)
+        what = spec.pop("what")
+        try:
+            row = measure(**spec) if what == "speed" else measure_memory(**spec)
+        except Exception as err:  # reported in the table; the other rows go on
+            row = {"error": f"{type(err).__name__}: {err}"}
+        print("BENCH_ROW " + json.dumps(row), flush=True)
+        return 0
+
+    presets = [p for p in args.presets.split(",") if p]
+    sizes = [s for s in args.sizes.split(",") if s]
+    for s in sizes:
+        if s not in SIZES:
+            parser.error(f"unknown size {s!r}: choose from {', '.join(SIZES)}")
+    for p in presets:
+        if p not in PRESETS:
+            parser.error(f"unknown preset {p!r}: choose from {', '.join(PRESETS)}")
+    specs = []
+    for size in sizes:
+        for preset in presets:
+            modes = {"off": [False], "on": [True], "both": [False]}[args.checkpoint_grads]
+            if args.checkpoint_grads == "both" and size == "paper":
+                modes.append(True)
+            for ckpt in modes:
+                if ckpt and preset == "nice":
+                    continue  # NICE's vector couplings are not checkpointed
+                specs.append(
+                    {
+                        "preset": preset,
+                        "size_name": size,
+                        "device": args.device,
+                        "dtype": args.dtype,
+                        "batch": args.batch,
+                        "checkpoint_grads": ckpt,
+                        "warmup": args.warmup,
+                        "repeats": args.repeats,
+                    }
+                )
+    rows = []
+    info = machine(args.device)
+    print(f"nfcv benchmark: {info}", flush=True)
+    print(table([]), flush=True)
+    for spec in specs:
+        row = _child({**spec, "what": "speed"})
+        if "error" not in row:
+            # Its own process: a fresh peak, and malloc handing freed tensors back at once.
+            row.update(_child({**spec, "what": "memory"}, {"MALLOC_MMAP_THRESHOLD_": "65536"}))
+        row = {
+            "preset": spec["preset"],
+            "size": spec["size_name"],
+            "checkpoint_grads": spec["checkpoint_grads"],
+            **row,
+        }
+        rows.append(row)
+        print(table([row]).splitlines()[1], flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The speed benchmark (nfcv/bench.py): its FLOP count against a hand count, and the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nfcv import bench
+
+
+def glow_forward_macs(c: int, h: int, width: int, k: int, levels: int) -> int:
+    """Multiply-accumulates of one image through Glow, counted by hand from the architecture:
+    per level, squeeze to (C, H); per step the 1x1 conv (C^2 per pixel, plus its weight
+    P @ L @ U: 2 C^3 once), the coupling network conv3x3 C/2 -> W, conv1x1 W -> W, conv3x3
+    W -> C (shift and scale for C/2 channels); then the split prior's conv3x3 C/2 -> C, except
+    at the last level (a learned per-channel prior: no conv)."""
+    total = 0
+    channels, size = c, h
+    for level in range(levels):
+        channels, size = channels * 4, size // 2
+        pixels = size * size
+        half = channels // 2
+        per_pixel = channels * channels + 9 * half * width + width * width + 9 * width * channels
+        total += k * (per_pixel * pixels + 2 * channels**3)
+        if level < levels - 1:
+            total += 9 * half * channels * pixels
+            channels = half
+    return total
+
+
+def test_glow_flops_match_a_hand_count():
+    size = bench.SIZES["tiny"]
+    row = bench.measure("glow", "tiny", warmup=0, repeats=1)
+    c, h, _ = size["shape"]
+    macs = glow_forward_macs(c, h, size["width"], size["K"], size["L"])
+    assert row["forward_gflop_per_img"] * 1e9 == pytest.approx(2 * macs, rel=1e-9)
+    # A training step: forward, and backward for the inputs and the weights (about 3x).
+    ratio = row["train_gflop_per_img"] / row["forward_gflop_per_img"]
+    assert 2.0 < ratio < 3.5, ratio
+    for key in ("train_img_per_s", "sample_img_per_s", "matmul_gflop_per_s"):
+        assert row[key] > 0, (key, row)
+    assert row["flop_utilisation"] == pytest.approx(
+        row["achieved_gflop_per_s"] / row["matmul_gflop_per_s"]
+    )
+
+
+def test_paper_size_flops_are_glows():
+    """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3."""
+    size = bench.SIZES["paper"]
+    macs = glow_forward_macs(*size["shape"][:2], size["width"], size["K"], size["L"])
+    assert 0.9e9 < macs < 1.2e9  # about a billion multiply-accumulates per image
+
+
+def test_benchmark_command_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nfcv.bench",
+            "--presets",
+            "glow,nice",
+            "--sizes",
+            "tiny",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--checkpoint-grads",
+            "both",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["checkpoint_grads"]) for r in rows] == [
+        ("glow", False),
+        ("nice", False),
+    ]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["peak_train_mib"] >= 0 and row["train_gflop_per_img"] > 0
+    assert "train img/s" in proc.stdout and "glow" in proc.stdout
+
+
+def test_benchmark_rejects_unknown_names():
+    proc = subprocess.run(
+        [sys.executable, "-m", "nfcv.bench", "--sizes", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr

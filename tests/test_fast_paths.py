@@ -1,0 +1,80 @@
+"""The speed-ups of issue 9 compute what the plain code computes: each fast path against the
+straightforward one, in float64, values and gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nfcv.flows.nets import GlowNet, ZeroConv2d
+
+
+def _perturb(module: nn.Module, scale: float = 0.1) -> None:
+    """Move every parameter off its initial value (zero-init layers would hide errors)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _values_and_grads(module: nn.Module, fn, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *module.parameters()])
+    return out.detach(), grads
+
+
+def test_glow_net_folds_actnorm_into_its_convs():
+    """GlowNet.forward (actnorm folded into the conv weights, in-place ReLU, the output scale
+    folded into the last conv) equals running its layers one after the other."""
+    torch.manual_seed(0)
+    net = GlowNet(4, 6, hidden_channels=16).double().train()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    first = net(x)  # the data-dependent init of both actnorms: the plain path
+    assert all(bool(m.norm.initialized) for m in (net.net[1], net.net[3]))
+    assert torch.allclose(first, net.net(x), atol=1e-12)
+    _perturb(net)
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        fast, fast_grads = _values_and_grads(net, net, x)
+        plain, plain_grads = _values_and_grads(net, net.net, x)
+        assert fast.abs().max() > 0.1  # not the zero-init output
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for a, b in zip(fast_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_conv_folds_its_output_scale():
+    conv = ZeroConv2d(5, 4).double()
+    _perturb(conv)
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+
+    def plain(v):
+        return conv.conv(v) * torch.exp(conv.logs * 3.0)
+
+    fast, fast_grads = _values_and_grads(conv, conv, x)
+    ref, ref_grads = _values_and_grads(conv, plain, x)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_nice_coupling_on_strided_halves_equals_the_indexed_one():
+    from nfcv.flows.nets import MLP
+    from nfcv.flows.presets import VectorAdditiveCoupling
+
+    for parity in (0, 1):
+        layer = VectorAdditiveCoupling(10, lambda i, o: MLP(i, o, hidden=8, num_layers=2), parity)
+        layer = layer.double()
+        _perturb(layer)
+        x = torch.randn(4, 10, dtype=torch.float64)
+        for sign in (1.0, -1.0):
+            fast, fast_grads = _values_and_grads(layer, lambda v, s=sign: layer._couple(v, s), x)
+            ref, ref_grads = _values_and_grads(
+                layer, lambda v, s=sign: layer._couple_indexed(v, s), x
+            )
+            assert not torch.equal(fast, x)
+            torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+            for a, b in zip(fast_grads, ref_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
