@@ -22,6 +22,7 @@ from nfcv.errors import CheckpointError, ConfigError
 from nfcv.flows.base import Bijector
 from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
+from nfcv.schema import check_keys
 
 CONFIG_MODULE = "nfcv.configs"
 # A checkpoint's config is instantiated when it is loaded, so its `_target_`s must name nfcv's
@@ -39,7 +40,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     global_hydra.clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name, overrides=list(overrides))
+        check_keys(cfg)
+        return cfg
     finally:
         if outer is not None:
             GlobalHydra.instance().initialize(outer)

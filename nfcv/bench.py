@@ -20,7 +20,9 @@ For each preset at each named size it prints and writes as JSON:
 - FLOP utilisation: the training step's achieved FLOP/s over the FLOP/s of a 2048 x 2048 matrix
   product in the same dtype, with the same threads, measured in the same process just before.
 
-Every time is the median of ``--repeats`` timed repeats after ``--warmup`` untimed ones.
+Every time is the median of ``--repeats`` timed repeats after ``--warmup`` untimed ones (at
+least 2 repeats, fewer than asked once a section has run `BUDGET_S` seconds). Run it on an idle
+machine: anything else on the cores shows up in every figure.
 """
 
 from __future__ import annotations
@@ -87,13 +89,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of one call of `fn` over `repeats` calls, after `warmup` calls."""
+# A timed section stops adding repeats once it has run this long (and has 2): the paper-size
+# RealNVP and Flow++ steps take tens of seconds on a CPU.
+BUDGET_S = 30.0
+
+
+def timed(
+    fn: Callable[[], Any],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    budget_s: float = BUDGET_S,
+) -> float:
+    """Median seconds of one call of `fn` over `repeats` calls after `warmup` calls (fewer, but
+    at least 2, once the repeats have taken `budget_s`)."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+        if time.perf_counter() - start > budget_s:
+            break
     _sync(device)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < max(repeats, 1) and not (len(times) >= 2 and sum(times) > budget_s):
         start = time.perf_counter()
         fn()
         _sync(device)
@@ -180,7 +197,7 @@ def measure_memory(
     **_: Any,
 ) -> dict[str, Any]:
     """Peak memory of a training step above what is held between steps (weights, Adam's state),
-    measured after two warm-up steps. On a CPU: the growth of the peak resident memory; main()
+    measured after a warm-up step. On a CPU: the growth of the peak resident memory; main()
     runs this with MALLOC_MMAP_THRESHOLD_ set, so that freed tensors leave the resident set."""
     dev = torch.device(device)
     model, x = build(preset, size_name, dev, batch)
@@ -188,8 +205,7 @@ def measure_memory(
         model.checkpoint_networks(True)
     model.train()
     step = train_step_fn(model, x, dtype)
-    for _ in range(2):
-        step()
+    step()  # allocates Adam's state
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -223,7 +239,12 @@ def measure(
     model.train()
     train_step = train_step_fn(model, x, dtype)
     train_s = timed(train_step, dev, warmup, repeats)
-    train_flops = count_flops(train_step) / batch
+    # Per image, from a step on 2 images (the count is linear in the batch but for the 1x1
+    # convs' weight products, a few C^3 per step): much faster than a full batch. Without
+    # checkpointing, so that the figure is the model's, not the recomputation's too.
+    n = min(2, batch)
+    model.checkpoint_networks(False)
+    train_flops = count_flops(train_step_fn(model, x[:n], dtype)) / n
 
     model.eval()
     c, h, w = model.image_shape
@@ -242,8 +263,7 @@ def measure(
         with torch.no_grad(), _autocast(dev, dtype):
             model.transform(y64)
 
-    # Flow++'s inverse bisects: slow, and not a target, so fewer repeats.
-    sample_s = timed(sample, dev, 1, repeats if preset != "flowpp" else 1)
+    sample_s = timed(sample, dev, 1, repeats)
     transform_s = timed(transform, dev, 1, repeats)
     achieved = train_flops * batch / train_s
     return {
@@ -337,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="default: the size's batch")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="at least 2")
     parser.add_argument(
         "--checkpoint-grads",
         choices=("off", "on", "both"),
@@ -359,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         print("BENCH_ROW " + json.dumps(row), flush=True)
         return 0
 
+    if args.repeats < 2 or args.warmup < 0:
+        parser.error("--repeats must be at least 2 and --warmup at least 0")
     presets = [p for p in args.presets.split(",") if p]
     sizes = [s for s in args.sizes.split(",") if s]
     for s in sizes:

@@ -21,11 +21,15 @@ The trainer's schema lists every argument of ``lightning.Trainer``, so any of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from nfcv.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------- data
 
@@ -38,7 +42,7 @@ class DataSchema:
     name: str = MISSING
     image_shape: list[int] = MISSING  # [channels, height, width]
     num_bins: int = MISSING  # quantisation levels of a pixel (2 ** num_bits)
-    val_size: int | None = None
+    val_size: int | None = 1000
     split_seed: int = 0
     batch_size: int = 64
     eval_batch_size: int = 256
@@ -56,32 +60,26 @@ class FileDataSchema(DataSchema):
 
     root: str = MISSING
     download: bool = False
+    verify: bool = True  # torchvision's MD5s of the files, where it lists them
     num_bits: int = 8
     hflip: bool = False
     checksum: bool = True
 
 
 @dataclass
-class VerifiedDataSchema(FileDataSchema):
-    """Datasets whose files torchvision checks against its MD5 list."""
-
-    verify: bool = True
-
-
-@dataclass
-class SVHNSchema(VerifiedDataSchema):
+class SVHNSchema(FileDataSchema):
     extra: bool = False
 
 
 @dataclass
-class CelebASchema(VerifiedDataSchema):
+class CelebASchema(FileDataSchema):
     crop: list[int] | None = None  # top, left, height, width
     resample: str = "bilinear"
 
 
 @dataclass
 class CelebAHQSchema(FileDataSchema):
-    resample: str = "bilinear"
+    resample: str = "box"
     test_size: int = 3000
 
 
@@ -248,7 +246,6 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "base": DataSchema,
         "digits": DigitsSchema,
         "files": FileDataSchema,
-        "verified": VerifiedDataSchema,
         "svhn": SVHNSchema,
         "celeba": CelebASchema,
         "celeba_hq": CelebAHQSchema,
@@ -273,3 +270,27 @@ def register() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             store.store(group=f"schema/{group}", name=name, node=node)
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Raise `ConfigError` for a key of a typed group that its schema does not have.
+
+    Hydra rejects ``model.hiden=64`` itself, but ``+model.hiden=64`` (the syntax for adding a
+    key) adds it even to a typed node, and the key would then be silently ignored (model) or
+    fail only when the object is built, after the data is read (data, trainer)."""
+    for group in SCHEMAS:
+        node = cfg.get(group) if isinstance(cfg, DictConfig) else None
+        if not isinstance(node, DictConfig):
+            continue
+        node_type = OmegaConf.get_type(node)
+        if node_type is None or not dataclasses.is_dataclass(node_type):
+            continue
+        known = {f.name for f in fields(node_type)}
+        for key in node:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f"; did you mean {group}.{close[0]}?" if close else ""
+                raise ConfigError(
+                    f"{group}.{key} is not a setting of {group} ({node_type.__name__} in "
+                    f"nfcv/schema.py lists them){hint}"
+                )

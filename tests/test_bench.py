@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nfcv import bench
 
@@ -33,7 +34,7 @@ def glow_forward_macs(c: int, h: int, width: int, k: int, levels: int) -> int:
 
 def test_glow_flops_match_a_hand_count():
     size = bench.SIZES["tiny"]
-    row = bench.measure("glow", "tiny", warmup=0, repeats=1)
+    row = bench.measure("glow", "tiny", warmup=0, repeats=2)
     c, h, _ = size["shape"]
     macs = glow_forward_macs(c, h, size["width"], size["K"], size["L"])
     assert row["forward_gflop_per_img"] * 1e9 == pytest.approx(2 * macs, rel=1e-9)
@@ -48,10 +49,16 @@ def test_glow_flops_match_a_hand_count():
 
 
 def test_paper_size_flops_are_glows():
-    """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3."""
+    """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3; the
+    benchmark's model there counts what the hand count says (about 2 GFLOP per image)."""
     size = bench.SIZES["paper"]
+    model, x = bench.build("glow", "paper", torch.device("cpu"), batch=1)
+    model.eval()
+    with torch.no_grad():
+        flops = bench.count_flops(lambda: model.transform(x.float() / model.num_bins))
     macs = glow_forward_macs(*size["shape"][:2], size["width"], size["K"], size["L"])
-    assert 0.9e9 < macs < 1.2e9  # about a billion multiply-accumulates per image
+    assert flops == 2 * macs
+    assert 1.8e9 < flops < 2.4e9
 
 
 def test_benchmark_command_writes_json(tmp_path):
@@ -68,7 +75,7 @@ def test_benchmark_command_writes_json(tmp_path):
             "--warmup",
             "0",
             "--repeats",
-            "1",
+            "2",
             "--checkpoint-grads",
             "both",
             "--out",
@@ -100,3 +107,11 @@ def test_benchmark_rejects_unknown_names():
         check=False,
     )
     assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "nfcv.bench", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2 and "--repeats must be at least 2" in proc.stderr

@@ -29,6 +29,7 @@ from nfcv.grid import sample_grid
 from nfcv.guard import NumericalGuard
 from nfcv.lit import FlowModule
 from nfcv.resume import LAST, Preemption, ResumeState, resume_checkpoint
+from nfcv.schema import check_keys
 from nfcv.sweep import write_status
 
 log = logging.getLogger("nfcv")
@@ -83,6 +84,7 @@ def train(
     Returns a summary: test and best val bpd, steps, times, paths, and the `FlowModule` (holding
     the best weights).
     """
+    check_keys(cfg)  # a key added with `+` that its group does not have: before anything runs
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()

@@ -66,10 +66,14 @@ class _ActNormAct(nn.Module):
         """``self(conv(x))`` as one convolution: ``(W x + loc) * s = (s W) x + s loc``, so the
         normalisation costs a rescaling of the weights, not two passes over the activations;
         the ReLU runs in place on the convolution's output (which its backward does not need).
-        Before the data-dependent init (the first training batch) it takes the plain path."""
+        On the first training batch the data-dependent init runs first, outside autograd, so
+        every call takes this same path (gradient checkpointing recomputes the network in the
+        backward pass and requires the recomputation to save what the first pass saved)."""
         norm = self.norm
+        assert conv.bias is None, "the actnorm's loc is the bias"
         if norm.training and not bool(norm.initialized):
-            return self(conv(x))
+            with torch.no_grad():
+                norm.initialize(conv(x))
         scale = torch.exp(norm.log_scale).view(-1)
         weight = conv.weight * scale[:, None, None, None]
         bias = norm.loc.view(-1) * scale
