@@ -75,17 +75,22 @@ class LogisticToNormal(Bijector):
     """
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        neg = x < 0
+        a = x.abs()
         # Phi^-1(sigmoid(x)) for x < 0, -Phi^-1(sigmoid(-x)) for x >= 0: the argument stays in
         # the lower tail, where floating point has its resolution.
-        lower = torch.special.ndtri(torch.sigmoid(-x.abs()))
-        eps = torch.where(neg, lower, -lower)
-        log_logistic = F.logsigmoid(x) + F.logsigmoid(-x)
+        lower = torch.special.ndtri(torch.sigmoid(-a))
+        eps = torch.where(x < 0, lower, -lower)
+        # log sigmoid(x) + log sigmoid(-x) = -|x| - 2 softplus(-|x|): one softplus.
+        log_logistic = -a - 2.0 * F.softplus(-a)
         log_normal = -0.5 * eps * eps - HALF_LOG_2PI
         return eps, sum_except_batch(log_logistic - log_normal)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.special.log_ndtr(z) - torch.special.log_ndtr(-z)
-        log_logistic = F.logsigmoid(x) + F.logsigmoid(-x)
+        # x = logit(Phi(z)). With the lower tail p = Phi(-|z|), log p by log_ndtr (precise where
+        # p underflows): |x| = log(1 - p) - log p, and log sigmoid(x) + log sigmoid(-x) =
+        # log p + log(1 - p). One log_ndtr instead of two, and no logsigmoid.
+        log_p = torch.special.log_ndtr(-z.abs())
+        log_1mp = torch.log1p(-torch.exp(log_p))
+        x = torch.copysign(log_1mp - log_p, z)
         log_normal = -0.5 * z * z - HALF_LOG_2PI
-        return x, -sum_except_batch(log_logistic - log_normal)
+        return x, -sum_except_batch(log_p + log_1mp - log_normal)
