@@ -18,7 +18,9 @@ For each preset at each named size it prints and writes as JSON:
 - model FLOPs per image of a training step (forward + backward) and of a forward pass, counted
   with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions);
 - FLOP utilisation: the training step's achieved FLOP/s over the FLOP/s of a 2048 x 2048 matrix
-  product in the same dtype, with the same threads, measured in the same process just before.
+  product in the same dtype, with the same threads, in the same process: each timed step is
+  followed by matrix products for as long, and the figure is the median over the repeats of
+  each step's ratio to the products right after it (`timed_against_matmul`).
 
 Every time is the median of ``--repeats`` timed repeats after ``--warmup`` untimed ones (at
 least 2 repeats, fewer than asked once a section has run `BUDGET_S` seconds). Run it on an idle
@@ -118,13 +120,60 @@ def timed(
     return statistics.median(times)
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
-    """FLOP/s of a 2048 x 2048 by 2048 x 2048 matrix product (2 n^3 FLOPs)."""
+class Matmul:
+    """The reference: a 2048 x 2048 by 2048 x 2048 matrix product (2 n^3 FLOPs) in `dtype`."""
+
     n = 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
-    return 2 * n**3 / seconds
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = device
+        self.a = torch.randn(self.n, self.n, device=device, dtype=dtype)
+        self.b = torch.randn(self.n, self.n, device=device, dtype=dtype)
+        for _ in range(2):
+            torch.mm(self.a, self.b)
+        _sync(device)
+
+    def rate(self, seconds: float = 0.0) -> float:
+        """FLOP/s of back-to-back products for about `seconds` (at least one)."""
+        start = time.perf_counter()
+        count = 0
+        while count == 0 or time.perf_counter() - start < seconds:
+            torch.mm(self.a, self.b)
+            _sync(self.device)
+            count += 1
+        return 2 * self.n**3 * count / (time.perf_counter() - start)
+
+
+def timed_against_matmul(
+    fn: Callable[[], Any],
+    matmul: Matmul,
+    warmup: int,
+    repeats: int,
+    budget_s: float = BUDGET_S,
+) -> tuple[float, float, float]:
+    """(median seconds of `fn`, median matmul FLOP/s, median of their per-repeat ratio).
+
+    Each timed call of `fn` is followed by matrix products for as long as it took, and each
+    repeat's utilisation divides by the products right after it: the machine's speed drifts
+    (on this project's virtual machine by a quarter within seconds: turbo, neighbours), and a
+    reference taken once, minutes apart, would move every utilisation with it."""
+    device = matmul.device
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        if time.perf_counter() - start > budget_s:
+            break
+    _sync(device)
+    times: list[float] = []
+    rates: list[float] = []
+    while len(times) < max(repeats, 1) and not (len(times) >= 2 and sum(times) > budget_s):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        rates.append(matmul.rate(times[-1]))
+    ratios = [1.0 / (t * r) for t, r in zip(times, rates, strict=True)]  # x work FLOPs: below
+    return statistics.median(times), statistics.median(rates), statistics.median(ratios)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -161,6 +210,7 @@ def build(preset: str, size_name: str, device: torch.device, batch: int | None):
     )
     model = nfcv.build_model(cfg).to(device)
     assert list(model.image_shape) == size["shape"], (model.image_shape, size)
+    model.optimizer_cfg = cfg.optim.optimizer  # what train_step_fn builds, as training does
     c, h, w = model.image_shape
     x = torch.randint(0, model.num_bins, (batch or size["batch"], c, h, w), device=device)
     return model, x
@@ -172,8 +222,11 @@ def _autocast(device: torch.device, dtype: str):
 
 
 def train_step_fn(model, x: torch.Tensor, dtype: str) -> Callable[[], None]:
-    """One optimizer step as nfcv trains: bits per dim, backward, clipping, Adam."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    """One optimizer step as nfcv trains: bits per dim, backward, clipping, the optimizer of
+    the default config (Adam) built as `nfcv.lit.FlowModule` builds it."""
+    from nfcv.lit import build_optimizer
+
+    opt = build_optimizer(model.optimizer_cfg, model.parameters())
 
     def step() -> None:
         with _autocast(x.device, dtype):
@@ -235,10 +288,10 @@ def measure(
     batch = x.shape[0]
     if checkpoint_grads:
         model.checkpoint_networks(True)
-    reference = matmul_flops(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    matmul = Matmul(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
     model.train()
     train_step = train_step_fn(model, x, dtype)
-    train_s = timed(train_step, dev, warmup, repeats)
+    train_s, reference, inverse_work = timed_against_matmul(train_step, matmul, warmup, repeats)
     # Per image, from a step on 2 images (the count is linear in the batch but for the 1x1
     # convs' weight products, a few C^3 per step): much faster than a full batch. Without
     # checkpointing, so that the figure is the model's, not the recomputation's too.
@@ -266,6 +319,7 @@ def measure(
     sample_s = timed(sample, dev, 1, repeats)
     transform_s = timed(transform, dev, 1, repeats)
     achieved = train_flops * batch / train_s
+    utilisation = train_flops * batch * inverse_work  # median over repeats of achieved / matmul
     return {
         "preset": preset,
         "size": size_name,
@@ -281,7 +335,7 @@ def measure(
         "forward_gflop_per_img": forward_flops / 1e9,
         "achieved_gflop_per_s": achieved / 1e9,
         "matmul_gflop_per_s": reference / 1e9,
-        "flop_utilisation": achieved / reference,
+        "flop_utilisation": utilisation,
     }
 
 

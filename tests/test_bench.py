@@ -43,9 +43,9 @@ def test_glow_flops_match_a_hand_count():
     assert 2.0 < ratio < 3.5, ratio
     for key in ("train_img_per_s", "sample_img_per_s", "matmul_gflop_per_s"):
         assert row[key] > 0, (key, row)
-    assert row["flop_utilisation"] == pytest.approx(
-        row["achieved_gflop_per_s"] / row["matmul_gflop_per_s"]
-    )
+    # The median of per-repeat ratios: near the ratio of the medians, not equal to it.
+    ratio_of_medians = row["achieved_gflop_per_s"] / row["matmul_gflop_per_s"]
+    assert 0.5 * ratio_of_medians < row["flop_utilisation"] < 2 * ratio_of_medians
 
 
 def test_paper_size_flops_are_glows():

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 from torch import nn
 
+from nfcv.flows import nets
 from nfcv.flows.nets import GlowNet, ZeroConv2d
 
 
@@ -27,9 +29,12 @@ def _values_and_grads(module: nn.Module, fn, x: torch.Tensor):
     return out.detach(), grads
 
 
-def test_glow_net_folds_actnorm_into_its_convs():
+@pytest.mark.parametrize("nhwc", [True, False], ids=["channels_last", "nchw"])
+def test_glow_net_folds_actnorm_into_its_convs(nhwc, monkeypatch):
     """GlowNet.forward (actnorm folded into the conv weights, in-place ReLU, the output scale
-    folded into the last conv) equals running its layers one after the other."""
+    folded into the last conv; channels-last convolutions for narrow networks on a CPU) equals
+    running its layers one after the other, values and gradients, in either memory layout."""
+    monkeypatch.setattr(nets, "CHANNELS_LAST_MAX_WIDTH", 256 if nhwc else 0)
     torch.manual_seed(0)
     net = GlowNet(4, 6, hidden_channels=16).double().train()
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
@@ -42,6 +47,7 @@ def test_glow_net_folds_actnorm_into_its_convs():
         fast, fast_grads = _values_and_grads(net, net, x)
         plain, plain_grads = _values_and_grads(net, net.net, x)
         assert fast.abs().max() > 0.1  # not the zero-init output
+        assert fast.is_contiguous()  # NCHW outside
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
         for a, b in zip(fast_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -125,3 +131,34 @@ def test_logistic_to_normal_matches_its_two_tail_formulas():
         torch.testing.assert_close(logdet_f, ld_f, rtol=tol, atol=tol * z.numel())
         inner = z.abs() < (8 if dtype == torch.float64 else 5)  # where x still resolves z
         torch.testing.assert_close(eps[inner], z[inner], rtol=1e-6, atol=1e-6)
+
+
+def test_optimizer_is_fused_where_it_can_be():
+    """Adam from the config is the fused implementation (one kernel per step) unless the config
+    says `fused: false` or mixed precision is on; Adamax has none. The fused step is the same
+    update up to rounding."""
+    import nfcv
+    from nfcv.lit import build_optimizer
+
+    def params():
+        torch.manual_seed(0)
+        p = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+        for q in p:
+            q.grad = torch.randn_like(q)
+        return p
+
+    adam = nfcv.compose([]).optim.optimizer
+    fused = build_optimizer(adam, p_fused := params())
+    assert fused.defaults["fused"] is True
+    plain = build_optimizer(adam, p_plain := params(), allow_fused=False)
+    assert not plain.defaults["fused"]
+    for _ in range(3):
+        fused.step()
+        plain.step()
+    for a, b, start in zip(p_fused, p_plain, params(), strict=True):
+        assert not torch.equal(a, start)  # the steps moved it
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    off = nfcv.compose(["+optim.optimizer.fused=false"]).optim.optimizer
+    assert not build_optimizer(off, params()).defaults["fused"]
+    adamax = nfcv.compose(["optim=adamax"]).optim.optimizer
+    assert "fused" not in build_optimizer(adamax, params()).defaults
