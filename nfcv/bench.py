@@ -96,15 +96,16 @@ def _sync(device: torch.device) -> None:
 BUDGET_S = 30.0
 
 
-def timed(
+def _repeat_timed(
     fn: Callable[[], Any],
     device: torch.device,
     warmup: int,
     repeats: int,
     budget_s: float = BUDGET_S,
-) -> float:
-    """Median seconds of one call of `fn` over `repeats` calls after `warmup` calls (fewer, but
-    at least 2, once the repeats have taken `budget_s`)."""
+    after: Callable[[float], None] | None = None,
+) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` after `warmup` calls (fewer, but at least 2,
+    once the repeats have taken `budget_s`); `after(seconds)` runs after each timed call."""
     start = time.perf_counter()
     for _ in range(warmup):
         fn()
@@ -117,7 +118,14 @@ def timed(
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if after is not None:
+            after(times[-1])
+    return times
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of one call of `fn` (see `_repeat_timed`)."""
+    return statistics.median(_repeat_timed(fn, device, warmup, repeats))
 
 
 class Matmul:
@@ -157,21 +165,10 @@ def timed_against_matmul(
     repeat's utilisation divides by the products right after it: the machine's speed drifts
     (on this project's virtual machine by a quarter within seconds: turbo, neighbours), and a
     reference taken once, minutes apart, would move every utilisation with it."""
-    device = matmul.device
-    start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-        if time.perf_counter() - start > budget_s:
-            break
-    _sync(device)
-    times: list[float] = []
     rates: list[float] = []
-    while len(times) < max(repeats, 1) and not (len(times) >= 2 and sum(times) > budget_s):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        rates.append(matmul.rate(times[-1]))
+    times = _repeat_timed(
+        fn, matmul.device, warmup, repeats, budget_s, after=lambda t: rates.append(matmul.rate(t))
+    )
     ratios = [1.0 / (t * r) for t, r in zip(times, rates, strict=True)]  # x work FLOPs: below
     return statistics.median(times), statistics.median(rates), statistics.median(ratios)
 
@@ -200,7 +197,8 @@ def reset_peak_rss() -> None:
 
 
 def build(preset: str, size_name: str, device: torch.device, batch: int | None):
-    """The preset's model at this size (seed 0) and a batch of random integer images."""
+    """The preset's model at this size (seed 0), a batch of random integer images, and the
+    config's optimizer (what `train_step_fn` builds, as training does)."""
     import nfcv
 
     size = SIZES[size_name]
@@ -210,10 +208,9 @@ def build(preset: str, size_name: str, device: torch.device, batch: int | None):
     )
     model = nfcv.build_model(cfg).to(device)
     assert list(model.image_shape) == size["shape"], (model.image_shape, size)
-    model.optimizer_cfg = cfg.optim.optimizer  # what train_step_fn builds, as training does
     c, h, w = model.image_shape
     x = torch.randint(0, model.num_bins, (batch or size["batch"], c, h, w), device=device)
-    return model, x
+    return model, x, cfg.optim.optimizer
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -221,12 +218,12 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None)
 
 
-def train_step_fn(model, x: torch.Tensor, dtype: str) -> Callable[[], None]:
+def train_step_fn(model, x: torch.Tensor, dtype: str, optimizer_cfg) -> Callable[[], None]:
     """One optimizer step as nfcv trains: bits per dim, backward, clipping, the optimizer of
     the default config (Adam) built as `nfcv.lit.FlowModule` builds it."""
     from nfcv.lit import build_optimizer
 
-    opt = build_optimizer(model.optimizer_cfg, model.parameters())
+    opt = build_optimizer(optimizer_cfg, model.parameters())
 
     def step() -> None:
         with _autocast(x.device, dtype):
@@ -253,11 +250,11 @@ def measure_memory(
     measured after a warm-up step. On a CPU: the growth of the peak resident memory; main()
     runs this with MALLOC_MMAP_THRESHOLD_ set, so that freed tensors leave the resident set."""
     dev = torch.device(device)
-    model, x = build(preset, size_name, dev, batch)
+    model, x, optimizer_cfg = build(preset, size_name, dev, batch)
     if checkpoint_grads:
         model.checkpoint_networks(True)
     model.train()
-    step = train_step_fn(model, x, dtype)
+    step = train_step_fn(model, x, dtype, optimizer_cfg)
     step()  # allocates Adam's state
     _sync(dev)
     if dev.type == "cuda":
@@ -284,20 +281,20 @@ def measure(
 ) -> dict[str, Any]:
     """Speeds and FLOPs of one configuration, in this process."""
     dev = torch.device(device)
-    model, x = build(preset, size_name, dev, batch)
+    model, x, optimizer_cfg = build(preset, size_name, dev, batch)
     batch = x.shape[0]
     if checkpoint_grads:
         model.checkpoint_networks(True)
     matmul = Matmul(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
     model.train()
-    train_step = train_step_fn(model, x, dtype)
+    train_step = train_step_fn(model, x, dtype, optimizer_cfg)
     train_s, reference, inverse_work = timed_against_matmul(train_step, matmul, warmup, repeats)
     # Per image, from a step on 2 images (the count is linear in the batch but for the 1x1
     # convs' weight products, a few C^3 per step): much faster than a full batch. Without
     # checkpointing, so that the figure is the model's, not the recomputation's too.
     n = min(2, batch)
     model.checkpoint_networks(False)
-    train_flops = count_flops(train_step_fn(model, x[:n], dtype)) / n
+    train_flops = count_flops(train_step_fn(model, x[:n], dtype, optimizer_cfg)) / n
 
     model.eval()
     c, h, w = model.image_shape

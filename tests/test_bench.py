@@ -52,7 +52,7 @@ def test_paper_size_flops_are_glows():
     """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3; the
     benchmark's model there counts what the hand count says (about 2 GFLOP per image)."""
     size = bench.SIZES["paper"]
-    model, x = bench.build("glow", "paper", torch.device("cpu"), batch=1)
+    model, x, _ = bench.build("glow", "paper", torch.device("cpu"), batch=1)
     model.eval()
     with torch.no_grad():
         flops = bench.count_flops(lambda: model.transform(x.float() / model.num_bins))
@@ -99,19 +99,16 @@ def test_benchmark_command_writes_json(tmp_path):
 
 
 def test_benchmark_rejects_unknown_names():
-    proc = subprocess.run(
-        [sys.executable, "-m", "nfcv.bench", "--sizes", "huge"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    def bench_cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "nfcv.bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    proc = bench_cli("--sizes", "huge")
     assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "nfcv.bench", "--repeats", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = bench_cli("--repeats", "1")
     assert proc.returncode == 2 and "--repeats must be at least 2" in proc.stderr

@@ -116,14 +116,18 @@ def test_sigterm_saves_and_the_requeued_job_resumes_exactly(tmp_path):
     ]
     train = str(BIN / "nfcv-train")
     env = _env(tmp_path)
-    whole = subprocess.run(
-        [train, *args, "hydra.run.dir=whole"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [train, *args, *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    whole = run("hydra.run.dir=whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
     proc = subprocess.Popen(
         [train, *args, "hydra.run.dir=part", "resume=auto"],
@@ -147,14 +151,7 @@ def test_sigterm_saves_and_the_requeued_job_resumes_exactly(tmp_path):
     assert "stopped by SIGTERM" in out
     status = json.loads((tmp_path / "part" / "status.json").read_text())
     assert status["status"] == "preempted" and 0 < status["steps"] < 120
-    again = subprocess.run(
-        [train, *args, "hydra.run.dir=part", "resume=auto"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run("hydra.run.dir=part", "resume=auto")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resume=auto: " in again.stdout and "last.ckpt" in again.stdout
     _assert_same(

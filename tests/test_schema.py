@@ -143,44 +143,35 @@ def test_trainer_schema_is_lightning_trainers_signature():
         assert default == params[name], (name, default, params[name])
 
 
-def test_cli_fails_before_reading_data(tmp_path):
-    """`nfcv-train` with a bad value exits non-zero with Hydra's message, before the data is
-    read (the data root does not exist) and before the run folder is made."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "nfcv-train"),
-            "data=cifar10",
-            f"data.root={tmp_path / 'nowhere'}",
-            "model.steps=four",
-            f"hydra.run.dir={run_dir}",
-        ],
+def _nfcv_train(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "nfcv-train"), *overrides],
         capture_output=True,
         text=True,
         env={**os.environ, "HYDRA_FULL_ERROR": "0"},
         timeout=300,
         check=False,
     )
+
+
+def test_cli_fails_before_reading_data(tmp_path):
+    """`nfcv-train` with a bad value exits non-zero with Hydra's message, before the data is
+    read (the data root does not exist) and before the run folder is made; a key added with
+    `+` that the group lacks exits 2 before training starts."""
+    run_dir = tmp_path / "run"
+    missing_data = [
+        "data=cifar10",
+        f"data.root={tmp_path / 'nowhere'}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = _nfcv_train(*missing_data, "model.steps=four")
     assert proc.returncode != 0
     assert "Value 'four' of type 'str' could not be converted to Integer" in proc.stderr
     assert "full_key: model.steps" in proc.stderr
     assert "cifar" not in proc.stderr.lower().replace("data=cifar10", "")
     assert not run_dir.exists()
 
-    proc = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "nfcv-train"),
-            "data=cifar10",
-            f"data.root={tmp_path / 'nowhere'}",
-            "+data.bach_size=8",
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        timeout=300,
-        check=False,
-    )
+    proc = _nfcv_train(*missing_data, "+data.bach_size=8")
     assert proc.returncode == 2, proc.stderr
     assert "data.bach_size is not a setting of data" in proc.stderr
     assert "did you mean data.batch_size?" in proc.stderr
