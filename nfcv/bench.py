@@ -173,9 +173,27 @@ def timed_against_matmul(
     return statistics.median(times), statistics.median(rates), statistics.median(ratios)
 
 
+def _register_onednn_linear() -> None:
+    """FlopCounterMode counts aten's products; GlowNet's CPU path (`nfcv.flows.nets`) also calls
+    oneDNN's fused linear+ReLU, whose 2*M*K*N FLOPs this registers once."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _linear_flops(x_shape, w_shape, *args: Any, **kwargs: Any) -> int:
+        rows = 1
+        for d in x_shape[:-1]:
+            rows *= d
+        return 2 * rows * x_shape[-1] * w_shape[0]
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    _register_onednn_linear()
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -279,7 +297,11 @@ def measure(
     warmup: int = 2,
     repeats: int = 5,
 ) -> dict[str, Any]:
-    """Speeds and FLOPs of one configuration, in this process."""
+    """Speeds and FLOPs of one configuration, in this process (with the allocator setting
+    nfcv-train uses: `nfcv.allocator.keep_freed_memory`)."""
+    from nfcv.allocator import keep_freed_memory
+
+    keep_freed_memory()
     dev = torch.device(device)
     model, x, optimizer_cfg = build(preset, size_name, dev, batch)
     batch = x.shape[0]

@@ -24,20 +24,30 @@ def _perturb(module: nn.Module, scale: float = 0.1) -> None:
 def _values_and_grads(module: nn.Module, fn, x: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = fn(x)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    gen = torch.Generator().manual_seed(2)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
     grads = torch.autograd.grad((out * weights).sum(), [x, *module.parameters()])
     return out.detach(), grads
 
 
-@pytest.mark.parametrize("nhwc", [True, False], ids=["channels_last", "nchw"])
-def test_glow_net_folds_actnorm_into_its_convs(nhwc, monkeypatch):
+PATHS = {  # GlowNet's three ways to run: (USE_GEMM, CHANNELS_LAST_MAX_WIDTH)
+    "rows": (True, 256),
+    "channels_last": (False, 256),
+    "nchw": (False, 0),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_glow_net_folds_actnorm_into_its_convs(path, monkeypatch):
     """GlowNet.forward (actnorm folded into the conv weights, in-place ReLU, the output scale
-    folded into the last conv; channels-last convolutions for narrow networks on a CPU) equals
-    running its layers one after the other, values and gradients, in either memory layout."""
-    monkeypatch.setattr(nets, "CHANNELS_LAST_MAX_WIDTH", 256 if nhwc else 0)
+    folded into the last conv; on a CPU its convolutions as matrix products over the pixels,
+    or as channels-last or NCHW convolutions) equals running its layers one after the other,
+    values and gradients."""
+    monkeypatch.setattr(nets, "USE_GEMM", PATHS[path][0])
+    monkeypatch.setattr(nets, "CHANNELS_LAST_MAX_WIDTH", PATHS[path][1])
     torch.manual_seed(0)
     net = GlowNet(4, 6, hidden_channels=16).double().train()
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 7, dtype=torch.float64)
     first = net(x)  # the data-dependent init of both actnorms: the plain path
     assert all(bool(m.norm.initialized) for m in (net.net[1], net.net[3]))
     assert torch.allclose(first, net.net(x), atol=1e-12)
@@ -51,6 +61,62 @@ def test_glow_net_folds_actnorm_into_its_convs(nhwc, monkeypatch):
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
         for a, b in zip(fast_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_glow_net_rows_in_float32_use_fused_products():
+    """In float32 the matrix-product path runs oneDNN's fused linear+ReLU (float64 takes
+    addmm): values and gradients equal the float64 layers to float32 rounding."""
+    torch.manual_seed(0)
+    net = GlowNet(6, 12, hidden_channels=32).double().train()
+    x = torch.randn(4, 6, 6, 6, dtype=torch.float64)
+    net(x)  # actnorm init
+    _perturb(net)
+    plain, plain_grads = _values_and_grads(net, net.net, x)
+    net32 = net.float()
+    if nets._ONEDNN_LINEAR:
+        with torch.profiler.profile() as prof:
+            net32(x.float())
+        assert any("_linear_pointwise" in e.key for e in prof.key_averages())
+    fast, fast_grads = _values_and_grads(net32, net32, x.float())
+    torch.testing.assert_close(fast.double(), plain, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def test_glow_net_rows_dropout_gradients():
+    """With dropout the matrix-product path reads the dropout-and-ReLU mask off its saved
+    output: its gradients pass torch.autograd.gradcheck (finite differences, float64, the
+    same dropout mask on every call), and the dropout is active (some units dropped)."""
+    torch.manual_seed(0)
+    net = GlowNet(2, 4, hidden_channels=8, dropout=0.5).double().train()
+    x = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    net(x)
+    _perturb(net)
+    params = list(net.parameters())
+
+    def f(x, *weights):
+        torch.manual_seed(3)
+        with torch.nn.utils.stateless._reparametrize_module(
+            net, dict(zip([n for n, _ in net.named_parameters()], weights, strict=True))
+        ):
+            return net(x)
+
+    inputs = (x.requires_grad_(), *[p.detach().clone().requires_grad_() for p in params])
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    torch.manual_seed(3)
+    with_dropout = net(x)
+    net.eval()
+    assert not torch.allclose(with_dropout, net(x))
+
+
+def test_glow_net_rows_are_not_used_under_autocast():
+    """bfloat16 autocast keeps the convolution path (its own precision rules)."""
+    x = torch.randn(2, 4, 4, 4)
+    assert nets._gemm_path(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not nets._gemm_path(x)
+    assert not nets._gemm_path(x.to(torch.bfloat16))
 
 
 def test_zero_conv_folds_its_output_scale():

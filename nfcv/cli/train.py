@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 from torchvision.utils import save_image
 
+from nfcv.allocator import keep_freed_memory
 from nfcv.api import resolve
 from nfcv.callbacks import ReconstructionLogger, SampleGridLogger, TrainSpeed, ValBpdHistogram
 from nfcv.checkpoint_io import AtomicCheckpointIO
@@ -85,6 +86,8 @@ def train(
     the best weights).
     """
     check_keys(cfg)  # a key added with `+` that its group does not have: before anything runs
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()

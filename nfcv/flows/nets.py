@@ -39,17 +39,17 @@ class ZeroConv2d(nn.Module):
         nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # conv(x) * e = conv with weight W * e and bias b * e: the output scale folded into the
-        # (small) weights instead of a pass over the output.
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The weight and bias of the one convolution this layer is: conv(x) * e is the conv
+        with weight W * e and bias b * e, the output scale folded into the (small) weights
+        instead of a pass over the output."""
         scale = torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR).view(-1)
+        return self.conv.weight * scale[:, None, None, None], self.conv.bias * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.folded()
         with no_autocast(x):
-            return F.conv2d(
-                at_least_float32(x),
-                self.conv.weight * scale[:, None, None, None],
-                self.conv.bias * scale,
-                padding=self.conv.padding,
-            )
+            return F.conv2d(at_least_float32(x), weight, bias, padding=self.conv.padding)
 
 
 class _ActNormAct(nn.Module):
@@ -62,11 +62,11 @@ class _ActNormAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(x)[0])
 
-    def after_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
-        """``self(conv(x))`` as one convolution: ``(W x + loc) * s = (s W) x + s loc``, so the
-        normalisation costs a rescaling of the weights, not two passes over the activations;
-        the ReLU runs in place on the convolution's output (which its backward does not need).
-        On the first training batch the data-dependent init runs first, outside autograd, so
+    def folded(self, conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The weight and bias of ``conv`` followed by this actnorm as one convolution:
+        ``(W x + loc) * s = (s W) x + s loc``, so the normalisation costs a rescaling of the
+        weights, not two passes over the activations. `x` is the conv's (NCHW) input: on the
+        first training batch the data-dependent init runs on it first, outside autograd, so
         every call takes this same path (gradient checkpointing recomputes the network in the
         backward pass and requires the recomputation to save what the first pass saved)."""
         norm = self.norm
@@ -75,8 +75,12 @@ class _ActNormAct(nn.Module):
             with torch.no_grad():
                 norm.initialize(conv(x))
         scale = torch.exp(norm.log_scale).view(-1)
-        weight = conv.weight * scale[:, None, None, None]
-        bias = norm.loc.view(-1) * scale
+        return conv.weight * scale[:, None, None, None], norm.loc.view(-1) * scale
+
+    def after_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
+        """``self(conv(x))`` as one convolution (`folded`); the ReLU runs in place on the
+        convolution's output (which its backward does not need)."""
+        weight, bias = self.folded(conv, x)
         return F.relu_(F.conv2d(x, weight, bias, padding=conv.padding))
 
 
@@ -90,6 +94,117 @@ CHANNELS_LAST_MAX_WIDTH = 256
 
 def _channels_last(x: Tensor, width: int) -> bool:
     return x.device.type == "cpu" and x.dim() == 4 and width <= CHANNELS_LAST_MAX_WIDTH
+
+
+# --- Glow's network as matrix products on a CPU -------------------------------------------------
+#
+# The network's two thin 3x3 convolutions (c/2 -> width and width -> c channels, c the flow's
+# channels) are the slow ones in oneDNN: a few input or output channels leave its kernels at a
+# fifth to a half of the machine's matrix-product rate. On a CPU GlowNet instead runs each as one
+# matrix product over the batch's pixels (rows, channels-last):
+#
+# - thin input: the 3x3 patches of the input (9 * c/2 columns, small) times the (9 c/2, width)
+#   weight matrix;
+# - thin output: the hidden map times a (width, 9 c) matrix gives each pixel's contribution to
+#   each of its 9 neighbours, which are then summed in place (`_col2im`, the adjoint of the
+#   patches); its backward takes the patches of the (c-channel) gradient.
+#
+# The 1x1 convolution between them is a plain product. Patches and their adjoint touch only the
+# thin side (c channels), never the wide one.
+
+
+def _im2col(x: Tensor) -> Tensor:
+    """(N, H, W, C) -> (N*H*W, 9*C): each pixel's 3x3 neighbourhood (zero padding), columns in
+    (row offset, column offset, channel) order."""
+    n, h, w, c = x.shape
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    s = xp.stride()
+    patches = xp.as_strided((n, h, w, 3, 3, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
+    return patches.reshape(n * h * w, 9 * c)
+
+
+def _col2im(cols: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """The adjoint of `_im2col`: (N*H*W, 9*C) -> (N, H, W, C), each column added back onto the
+    pixel it was read from (tap (i, j) of pixel p onto pixel p + (i-1, j-1))."""
+    n, h, w, c = shape
+    taps = cols.view(n, h, w, 3, 3, c)
+    out = taps[:, :, :, 1, 1].contiguous()
+    for i in range(3):
+        for j in range(3):
+            if (i, j) != (1, 1):
+                di, dj = i - 1, j - 1
+                out[:, max(0, di) : h + min(0, di), max(0, dj) : w + min(0, dj)].add_(
+                    taps[:, max(0, -di) : h + min(0, -di), max(0, -dj) : w + min(0, -dj), i, j]
+                )
+    return out
+
+
+def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``relu(x @ weight.T + bias)``: in float32 one oneDNN matrix product with the bias and the
+    ReLU applied as it writes its output (no broadcast copy of the bias, no second pass)."""
+    if x.dtype == torch.float32 and _ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    return torch.relu_(torch.addmm(bias, x, weight.t()))
+
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
+
+
+class _GlowNetRows(torch.autograd.Function):
+    """Glow's network with its actnorms folded in, as matrix products over the pixels:
+    ``conv3x3 -> ReLU -> conv1x1 -> ReLU -> [dropout] -> conv3x3``, (N, C, H, W) -> (N, O, H, W).
+
+    Weights: `w1` (width, 9C) in `_im2col`'s column order, `w2` (width, width), `w3` (width, 9O)
+    with flipped taps (`GlowNet._forward_rows`). Saves the patches and the two hidden maps (the
+    second after dropout), as autograd would for the layers one by one."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, w3, b3, dropout: float):  # noqa: ANN001
+        n, c, height, width = x.shape
+        cols = _im2col(x.permute(0, 2, 3, 1).contiguous())
+        h1 = _linear_relu(cols, w1, b1)
+        h2 = _linear_relu(h1, w2, b2)
+        if dropout > 0:
+            # dropout(relu(z)) > 0 exactly where the unit is kept and z > 0: the one mask the
+            # backward pass needs, read off the output it saves anyway.
+            h2 = F.dropout(h2, dropout, training=True)
+        out = _col2im(h2.mm(w3), (n, height, width, w3.shape[1] // 9)).add_(b3)
+        ctx.save_for_backward(cols, h1, h2, w1, w2, w3)
+        ctx.shape, ctx.dropout = (n, height, width, c), dropout
+        return out.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        cols, h1, h2, w1, w2, w3 = ctx.saved_tensors
+        n, height, width, c = ctx.shape
+        grad = grad.permute(0, 2, 3, 1).contiguous()
+        grad_cols = _im2col(grad)  # the adjoint of the forward's _col2im
+        grad_w3 = h2.t().mm(grad_cols)
+        keep = 1.0 / (1.0 - ctx.dropout)  # dropout's rescaling of the kept units
+        dz = torch.ops.aten.threshold_backward(grad_cols.mm(w3.t() * keep), h2, 0)
+        grad_w2, grad_b2 = dz.t().mm(h1), dz.sum(0)
+        dz = torch.ops.aten.threshold_backward(dz.mm(w2), h1, 0)
+        grad_w1, grad_b1 = dz.t().mm(cols), dz.sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _col2im(dz.mm(w1), (n, height, width, c)).permute(0, 3, 1, 2)
+        b3 = grad.sum((0, 1, 2))
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, b3, None
+
+
+def _gemm_path(x: Tensor) -> bool:
+    return (
+        USE_GEMM
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+USE_GEMM = True
 
 
 class GlowNet(nn.Module):
@@ -119,6 +234,11 @@ class GlowNet(nn.Module):
         nn.init.normal_(self.net[2].weight, std=0.05)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _gemm_path(x):
+            return self._forward_rows(x)
+        return self._forward_convs(x)
+
+    def _forward_convs(self, x: Tensor) -> Tensor:
         conv1, norm1, conv2, norm2, dropout, conv_out = self.net
         nhwc = _channels_last(x, conv2.out_channels)
         if nhwc:
@@ -129,6 +249,29 @@ class GlowNet(nn.Module):
             h = dropout(h)
         out = conv_out(h)
         return out.contiguous() if nhwc else out
+
+    def _forward_rows(self, x: Tensor) -> Tensor:
+        """`forward` on a CPU: `_GlowNetRows`, the convolutions as matrix products over the
+        pixels, with the same weights."""
+        conv1, norm1, conv2, norm2, dropout, conv_out = self.net
+        if self.training and not (bool(norm1.norm.initialized) and bool(norm2.norm.initialized)):
+            with torch.no_grad():
+                self._forward_convs(x)  # the actnorms' data-dependent init, on the first batch
+        w1, b1 = norm1.folded(conv1, x)
+        w2, b2 = norm2.folded(conv2, x)
+        w3, b3 = conv_out.folded()
+        return _GlowNetRows.apply(
+            x,
+            w1.permute(0, 2, 3, 1).flatten(1),  # (width, 3, 3, C): im2col's column order
+            b1,
+            w2.flatten(1),
+            b2,
+            # column (i, j, o) holds w3[o, :, 2-i, 2-j]: the product for tap (i, j) at pixel p
+            # lands on pixel p - (i-1, j-1) (_col2im)
+            w3.flip(2, 3).permute(1, 2, 3, 0).flatten(1),
+            b3,
+            dropout.p if dropout.training else 0.0,
+        )
 
 
 class ResNetNet(nn.Module):

@@ -1,0 +1,43 @@
+"""nfcv.allocator: freed memory stays in the heap for reuse (checked by page faults)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import resource, sys, torch
+from nfcv.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.empty(2**24).fill_(1.0)  # 64 MiB, touched: the first time always faults its pages in
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.empty(2**24).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults():
+    pages = 5 * 2**26 // 4096  # five 64 MiB blocks
+    assert _faults("default") > 0.9 * pages  # each block a fresh mmap, faulted in again
+    assert _faults("keep") < 0.25 * pages  # the same heap memory, already resident (one-time
+    # faults of at most one block: where the heap first grows)
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    from nfcv import allocator
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.keep_freed_memory() is False
