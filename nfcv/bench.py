@@ -11,7 +11,8 @@ For each preset at each named size it prints and writes as JSON:
   random integer images (speed does not depend on the pixels), backward, gradient clipping and
   Adam, as `nfcv.lit.FlowModule` trains; Lightning's own per-step overhead is not included;
 - sampling images per second: ``sample(64)`` in eval mode, and its time against one forward
-  ``transform`` of 64 images (``sample_over_transform``);
+  ``transform`` of 64 images timed right after it (``sample_over_transform``, the median of
+  the pairs' ratios);
 - peak training memory: on CUDA ``torch.cuda.max_memory_allocated``; on a CPU the growth of the
   process's peak resident memory over the training steps (each configuration runs in its own
   process, so peaks do not carry over);
@@ -335,8 +336,19 @@ def measure(
         with torch.no_grad(), _autocast(dev, dtype):
             model.transform(y64)
 
-    sample_s = timed(sample, dev, 1, repeats)
-    transform_s = timed(transform, dev, 1, repeats)
+    # Alternately, each sample timed right before a transform: the ratio is the median of the
+    # pairs' ratios, so that the machine's drift between two separate timings does not enter it.
+    transform()  # its warm-up; the sample's is _repeat_timed's
+    transform_times: list[float] = []
+
+    def then_transform(_: float) -> None:
+        transform_times.append(timed(transform, dev, 0, 1))
+
+    sample_times = _repeat_timed(sample, dev, 1, repeats, after=then_transform)
+    sample_s = statistics.median(sample_times)
+    sample_ratio = statistics.median(
+        s / t for s, t in zip(sample_times, transform_times, strict=True)
+    )
     achieved = train_flops * batch / train_s
     utilisation = train_flops * batch * inverse_work  # median over repeats of achieved / matmul
     return {
@@ -349,7 +361,7 @@ def measure(
         "train_img_per_s": batch / train_s,
         "train_step_s": train_s,
         "sample_img_per_s": SAMPLE_N / sample_s,
-        "sample_over_transform": sample_s / transform_s,
+        "sample_over_transform": sample_ratio,
         "train_gflop_per_img": train_flops / 1e9,
         "forward_gflop_per_img": forward_flops / 1e9,
         "achieved_gflop_per_s": achieved / 1e9,
