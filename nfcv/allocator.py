@@ -22,9 +22,11 @@ log = logging.getLogger(__name__)
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# The largest value mallopt's int argument takes: blocks up to 2 GiB come from the heap, and the
-# heap's top is never trimmed (returned to the kernel) below this much free memory.
-_KEEP = 2**31 - 1
+# Blocks up to this size come from the heap, and the heap's top is not trimmed (returned to the
+# kernel) below this much free memory: the largest value mallopt's int argument takes. Some
+# glibc releases refuse an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2; 2.36 here takes the
+# larger value), so that is tried next.
+_KEEP = (2**31 - 1, 2**25)
 
 
 def keep_freed_memory() -> bool:
@@ -39,7 +41,10 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return False
-    ok = all(libc.mallopt(param, _KEEP) for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+    ok = True
+    for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):  # each on its own: one may be refused
+        if not any(libc.mallopt(param, value) for value in _KEEP):
+            ok = False
     if not ok:
         log.warning("nfcv: glibc's mallopt refused the settings; freed memory is returned")
     return ok

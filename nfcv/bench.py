@@ -185,6 +185,8 @@ def _register_onednn_linear() -> None:
 
     @flop_counter.register_flop_formula(op)
     def _linear_flops(x_shape, w_shape, *args: Any, **kwargs: Any) -> int:
+        if len(w_shape) != 2 or w_shape[1] != x_shape[-1]:  # .binary: (x, other, weight, ...)
+            w_shape = args[0]
         rows = 1
         for d in x_shape[:-1]:
             rows *= d

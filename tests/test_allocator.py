@@ -42,3 +42,25 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
 
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     assert allocator.keep_freed_memory() is False
+
+
+def test_a_refused_threshold_falls_back_to_32_mib(monkeypatch):
+    """A glibc that caps the mmap threshold at 32 MiB gets 32 MiB, and the trim threshold is
+    set on its own either way."""
+    from nfcv import allocator
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return int(param != allocator.M_MMAP_THRESHOLD or value <= 2**25)
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("glibc", "2.28"))
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Libc())
+    assert allocator.keep_freed_memory() is True
+    assert calls == [
+        (allocator.M_MMAP_THRESHOLD, 2**31 - 1),
+        (allocator.M_MMAP_THRESHOLD, 2**25),
+        (allocator.M_TRIM_THRESHOLD, 2**31 - 1),
+    ]

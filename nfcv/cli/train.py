@@ -82,6 +82,9 @@ def train(
 
     `callbacks`: more Lightning callbacks (tests use them to inject faults).
 
+    With ``keep_freed_memory: true`` (the default) this sets glibc's malloc for the rest of the
+    process (`nfcv.allocator.keep_freed_memory`), also when called from Python.
+
     Returns a summary: test and best val bpd, steps, times, paths, and the `FlowModule` (holding
     the best weights).
     """

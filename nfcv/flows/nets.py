@@ -274,7 +274,7 @@ class GlowNet(nn.Module):
             w2.flatten(1),
             b2,
             # column (i, j, o) holds w3[o, :, 2-i, 2-j]: the product for tap (i, j) at pixel p
-            # lands on pixel p - (i-1, j-1) (_col2im)
+            # lands on pixel p + (i-1, j-1) (_col2im)
             w3.flip(2, 3).permute(1, 2, 3, 0).flatten(1),
             b3,
             dropout.p if dropout.training else 0.0,
