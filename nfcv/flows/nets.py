@@ -99,7 +99,7 @@ def _channels_last(x: Tensor, width: int) -> bool:
 #
 # The network's two thin 3x3 convolutions (c/2 -> width and width -> c channels, c the flow's
 # channels) are the slow ones in oneDNN: a few input or output channels leave its kernels at a
-# fifth to a half of the machine's matrix-product rate. On a CPU GlowNet instead runs each as one
+# tenth to a half of the machine's matrix-product rate. On a CPU GlowNet instead runs each as one
 # matrix product over the batch's pixels (rows, channels-last):
 #
 # - thin input: the 3x3 patches of the input (9 * c/2 columns, small) times the (9 c/2, width)
@@ -112,8 +112,7 @@ def _channels_last(x: Tensor, width: int) -> bool:
 # oneDNN products that add the bias and apply the ReLU as they write (no bias broadcast, no
 # second pass). Patches and their adjoint touch only the thin side (c channels), never the wide
 # one. Measured (python -m nfcv.bench, README, Speed): Glow's training step at the paper size
-# went from 0.46 to 0.57 of the matrix-product rate; in-model, channels-last 1x1 convolutions
-# reached 0.6 of it and the thin ones 0.15-0.55.
+# went from 0.44-0.46 to 0.52-0.57 of the matrix-product rate.
 
 
 def _im2col(x: Tensor) -> Tensor:
@@ -209,8 +208,7 @@ def _gemm_path(x: Tensor) -> bool:
     )
 
 
-# GlowNet's matrix-product path on a CPU (python -m nfcv.bench: Glow's paper-size step 0.46 ->
-# 0.57 of the matrix-product rate; README, Speed). False: the convolution path everywhere.
+# GlowNet's matrix-product path on a CPU (see above). False: the convolution path everywhere.
 USE_GEMM = True
 
 
