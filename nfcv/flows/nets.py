@@ -62,16 +62,18 @@ class _ActNormAct(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(x)[0])
 
-    def folded(self, conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor]:
+    def folded(self, conv: nn.Conv2d, x: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The weight and bias of ``conv`` followed by this actnorm as one convolution:
         ``(W x + loc) * s = (s W) x + s loc``, so the normalisation costs a rescaling of the
-        weights, not two passes over the activations. `x` is the conv's (NCHW) input: on the
-        first training batch the data-dependent init runs on it first, outside autograd, so
-        every call takes this same path (gradient checkpointing recomputes the network in the
-        backward pass and requires the recomputation to save what the first pass saved)."""
+        weights, not two passes over the activations. `x` is the conv's (NCHW) input, needed
+        until the actnorm is initialised: on the first training batch the data-dependent init
+        runs on it first, outside autograd, so every call takes this same path (gradient
+        checkpointing recomputes the network in the backward pass and requires the
+        recomputation to save what the first pass saved)."""
         norm = self.norm
         assert conv.bias is None, "the actnorm's loc is the bias"
         if norm.training and not bool(norm.initialized):
+            assert x is not None, "the data-dependent init needs the conv's input"
             with torch.no_grad():
                 norm.initialize(conv(x))
         scale = torch.exp(norm.log_scale).view(-1)
@@ -192,8 +194,8 @@ class _GlowNetRows(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _col2im(dz.mm(w1), (n, height, width, c)).permute(0, 3, 1, 2)
-        b3 = grad.sum((0, 1, 2))
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, b3, None
+        grad_b3 = grad.sum((0, 1, 2))
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None
 
 
 def _gemm_path(x: Tensor) -> bool:
@@ -262,8 +264,8 @@ class GlowNet(nn.Module):
         if self.training and not (bool(norm1.norm.initialized) and bool(norm2.norm.initialized)):
             with torch.no_grad():  # the actnorms' data-dependent init, on the first batch
                 norm2.folded(conv2, norm1.after_conv(conv1, x))
-        w1, b1 = norm1.folded(conv1, x)
-        w2, b2 = norm2.folded(conv2, x)
+        w1, b1 = norm1.folded(conv1)
+        w2, b2 = norm2.folded(conv2)
         w3, b3 = conv_out.folded()
         return _GlowNetRows.apply(
             x,
