@@ -90,6 +90,17 @@ def test_unknown_choice_is_a_config_error():
         nfcv.build_model(nfcv.compose(["model.coupling=splines"]))
 
 
+def test_keep_freed_memory_must_be_a_bool(tmp_path):
+    """A mistyped allocator switch fails before the run folder is made, naming both values."""
+    from nfcv.cli.train import train
+    from nfcv.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="keep_freed_memory must be true or false, got 'maybe'"):
+        train(nfcv.compose(["keep_freed_memory=maybe"]), run_dir=run_dir)
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize(
     "choice",
     [

@@ -89,7 +89,13 @@ def train(
     the best weights).
     """
     check_keys(cfg)  # a key added with `+` that its group does not have: before anything runs
-    if cfg.get("keep_freed_memory", True):
+    keep = cfg.get("keep_freed_memory", True)
+    if not isinstance(keep, bool):
+        raise ConfigError(
+            f"keep_freed_memory must be true or false, got {keep!r}: pass keep_freed_memory=true "
+            "(reuse freed memory, the default) or keep_freed_memory=false"
+        )
+    if keep:
         keep_freed_memory()
     run_dir = Path(run_dir) if run_dir is not None else _run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
