@@ -48,6 +48,24 @@ def test_glow_flops_match_a_hand_count():
     assert 0.5 * ratio_of_medians < row["flop_utilisation"] < 2 * ratio_of_medians
 
 
+def test_glow_training_flops_are_three_forward_passes():
+    """A training step counts each product three times (forward, input gradient, weight
+    gradient): exactly 3x the forward count, less the one product autograd skips per 1x1 conv
+    (the gradient of its fixed permutation matrix P in P @ L @ U, 2 C^3). Work that is not the
+    model's, such as a bias gradient computed as a product with ones, would show here."""
+    bench._register_onednn_linear()
+    model, x, optimizer = bench.build("glow", "tiny", torch.device("cpu"), None)
+    step = bench.train_step_fn(model, x, "fp32", optimizer)
+    step()  # actnorm init
+    train = bench.count_flops(step)
+    with torch.no_grad():
+        forward = bench.count_flops(lambda: model.transform(x.float() / model.num_bins))
+    size = bench.SIZES["tiny"]
+    channels = [size["shape"][0] * 4 ** (level + 1) // 2**level for level in range(size["L"])]
+    skipped = sum(size["K"] * 2 * c**3 for c in channels)
+    assert train == 3 * forward - skipped, (train, forward, skipped)
+
+
 def test_paper_size_flops_are_glows():
     """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3; the
     benchmark's model there counts what the hand count says (about 2 GFLOP per image)."""

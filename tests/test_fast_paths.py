@@ -63,6 +63,39 @@ def test_glow_net_folds_actnorm_into_its_convs(path, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_taps_major_patches_and_their_adjoint():
+    """`_im2col_t` is F.unfold's 3x3 patches (zero padding) in (tap, channel) row order, and
+    `_col2im_t` is its adjoint: <im2col_t(x), y> = <x, col2im_t(y)>, on a non-square map."""
+    import torch.nn.functional as F
+
+    n, c, h, w = 2, 3, 4, 6
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    rows = nets._im2col_t(x)
+    unfold = F.unfold(x, 3, padding=1).view(n, c, 3, 3, h * w)  # (n, c, i, j, pixel)
+    torch.testing.assert_close(
+        rows, unfold.permute(2, 3, 1, 0, 4).reshape(9 * c, n * h * w), rtol=0, atol=0
+    )
+    y = torch.randn(9 * c, n * h * w, dtype=torch.float64)
+    back = nets._col2im_t(y, (n, c, h, w))
+    assert back.shape == (n, c, h, w)
+    torch.testing.assert_close((rows * y).sum(), (x * back).sum(), rtol=1e-13, atol=0)
+
+
+def test_1x1_convolution_as_a_product_equals_the_convolution():
+    import torch.nn.functional as F
+
+    from nfcv.flows.conv1x1 import _mix_channels
+
+    w = torch.randn(5, 5, dtype=torch.float64)
+    for x in (
+        torch.randn(3, 5, 4, 6, dtype=torch.float64),
+        torch.randn(3, 5, 4, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+    ):
+        torch.testing.assert_close(
+            _mix_channels(w, x), F.conv2d(x, w[:, :, None, None]), rtol=1e-13, atol=1e-13
+        )
+
+
 def test_glow_net_rows_in_float32_use_fused_products():
     """In float32 the matrix-product path runs oneDNN's fused linear+ReLU (float64 takes
     addmm): values and gradients equal the float64 layers to float32 rounding."""

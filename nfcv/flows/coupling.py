@@ -98,10 +98,12 @@ class Coupling(Bijector):
 
     def _couple(self, x: Tensor, inverse: bool, context: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.mask == "channel":
+            # split, not two slices: its backward is one concatenation, where each slice's
+            # backward fills a zero tensor of the input's size and the two are then added.
             if self.parity == 0:
-                xa, xb = x[:, : self.c1], x[:, self.c1 :]
+                xa, xb = x.split([self.c1, self.c2], dim=1)
             else:
-                xb, xa = x[:, : self.c2], x[:, self.c2 :]
+                xb, xa = x.split([self.c2, self.c1], dim=1)
             yb, logdet = self._elementwise(xb, self._params(xa, context), inverse)
             y = torch.cat([xa, yb] if self.parity == 0 else [yb, xa], dim=1)
             return y, sum_except_batch(logdet)
@@ -158,11 +160,13 @@ class AffineCoupling(Coupling):
 
     def _elementwise(self, v, p, inverse):
         if self.scale == "tanh":
-            shift, log_s = p[..., 0], self.gamma * torch.tanh(p[..., 1])
+            shift, raw = p.unbind(-1)
+            log_s = self.gamma * torch.tanh(raw)
             if inverse:
                 return (v - shift) * torch.exp(-log_s), -log_s
             return v * torch.exp(log_s) + shift, log_s
-        shift, log_s = p[..., 0], F.logsigmoid(p[..., 1] + SIGMOID_SCALE_SHIFT)
+        shift, raw = p.unbind(-1)  # one backward (a stack), not a zero fill per index
+        log_s = F.logsigmoid(raw + SIGMOID_SCALE_SHIFT)
         if inverse:
             return v * torch.exp(-log_s) - shift, -log_s
         return (v + shift) * torch.exp(log_s), log_s

@@ -129,10 +129,13 @@ class SplitPrior(Bijector):
 
     def _params(self, z1: Tensor) -> tuple[Tensor, Tensor]:
         h = self.net(z1)
-        return h[:, 0::2], h[:, 1::2]
+        b, _, height, width = h.shape
+        # channels 0, 2, 4, ... and 1, 3, 5, ...: one unbind (one backward) for both
+        mean, log_sigma = h.view(b, self.c2, 2, height, width).unbind(2)
+        return mean, log_sigma
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z1, z2 = x[:, : self.c1], x[:, self.c1 :]
+        z1, z2 = x.split([self.c1, self.c2], dim=1)
         mean, log_sigma = self._params(z1)
         eps = (z2 - mean) * torch.exp(-log_sigma)
         return torch.cat([z1, eps], dim=1), -sum_except_batch(log_sigma)
@@ -218,8 +221,8 @@ class Levels(Bijector):
             total = total + logdet
             if split:
                 c_keep = x.shape[1] // 2
-                outs.append(x[:, c_keep:].reshape(x.shape[0], -1))
-                x = x[:, :c_keep]
+                x, out = x.split([c_keep, x.shape[1] - c_keep], dim=1)
+                outs.append(out.reshape(x.shape[0], -1))
         outs.append(x.reshape(x.shape[0], -1))
         return torch.cat(outs, dim=1), total
 

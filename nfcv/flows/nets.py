@@ -106,15 +106,19 @@ def _channels_last(x: Tensor, width: int) -> bool:
 #
 # - thin input: the 3x3 patches of the input (9 * c/2 columns, small) times the (9 c/2, width)
 #   weight matrix;
-# - thin output: the hidden map times a (width, 9 c) matrix gives each pixel's contribution to
-#   each of its 9 neighbours, which are then summed in place (`_col2im`, the adjoint of the
-#   patches); its backward takes the patches of the (c-channel) gradient.
+# - thin output: a (9 c, width) matrix times the transposed hidden map gives each pixel's
+#   contribution to each of its 9 neighbours, taps-major: one row per (tap, channel), pixels
+#   along the row. `_col2im_t` sums them as 8 shifted adds of whole channel planes (the adjoint
+#   of the patches); its backward takes the taps-major patches of the (c-channel) gradient.
+#   Taps-major, each add and copy moves runs of W contiguous values; pixel-major (one row per
+#   pixel) they were runs of c, 2 to 48 values, and these passes took 10-15% of a step.
 #
 # The 1x1 convolution between them is a plain product, and in float32 both ReLU layers are
 # oneDNN products that add the bias and apply the ReLU as they write (no bias broadcast, no
 # second pass). Patches and their adjoint touch only the thin side (c channels), never the wide
 # one. Measured (python -m nfcv.bench, README, Speed): Glow's training step at the paper size
-# went from 0.44-0.46 to 0.52-0.57 of the matrix-product rate.
+# went from 0.44-0.46 of the matrix-product rate with oneDNN's convolutions to 0.52-0.57 with
+# pixel-major products, and to PAPER_FIGURE taps-major.
 
 
 def _im2col(x: Tensor) -> Tensor:
@@ -127,20 +131,30 @@ def _im2col(x: Tensor) -> Tensor:
     return patches.reshape(n * h * w, 9 * c)
 
 
-def _col2im(cols: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """The adjoint of `_im2col`: (N*H*W, 9*C) -> (N, H, W, C), each column added back onto the
-    pixel it was read from (tap (i, j) of pixel p onto pixel p + (i-1, j-1))."""
-    n, h, w, c = shape
-    taps = cols.view(n, h, w, 3, 3, c)
-    out = taps[:, :, :, 1, 1].contiguous()
+def _im2col_t(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (9*C, N*H*W): `_im2col` transposed, rows in (row offset, column offset,
+    channel) order. Each row is a shifted copy of one channel plane (runs of W contiguous
+    values), where `_im2col`'s rows hold runs of C."""
+    n, c, h, w = x.shape
+    xp = F.pad(x.transpose(0, 1), (1, 1, 1, 1))  # (C, N, H + 2, W + 2)
+    s = xp.stride()
+    patches = xp.as_strided((3, 3, c, n, h, w), (s[2], s[3], s[0], s[1], s[2], s[3]))
+    return patches.reshape(9 * c, n * h * w)
+
+
+def _col2im_t(rows: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """The adjoint of `_im2col_t`: (9*C, N*H*W) -> (N, C, H, W)."""
+    n, c, h, w = shape
+    taps = rows.view(3, 3, c, n, h, w)
+    out = taps[1, 1].clone()
     for i in range(3):
         for j in range(3):
             if (i, j) != (1, 1):
                 di, dj = i - 1, j - 1
-                out[:, max(0, di) : h + min(0, di), max(0, dj) : w + min(0, dj)].add_(
-                    taps[:, max(0, -di) : h + min(0, -di), max(0, -dj) : w + min(0, -dj), i, j]
+                out[:, :, max(0, di) : h + min(0, di), max(0, dj) : w + min(0, dj)].add_(
+                    taps[i, j, :, :, max(0, -di) : h + min(0, -di), max(0, -dj) : w + min(0, -dj)]
                 )
-    return out
+    return out.transpose(0, 1)
 
 
 def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -174,27 +188,35 @@ class _GlowNetRows(torch.autograd.Function):
             # dropout(relu(z)) > 0 exactly where the unit is kept and z > 0: the one mask the
             # backward pass needs, read off the output it saves anyway.
             h2 = F.dropout(h2, dropout, training=True)
-        out = _col2im(h2.mm(w3), (n, height, width, w3.shape[1] // 9)).add_(b3)
         ctx.save_for_backward(cols, h1, h2, w1, w2, w3)
         ctx.shape, ctx.dropout = (n, height, width, c), dropout
-        return out.permute(0, 3, 1, 2).contiguous()
+        # The thin output conv taps-major: (9 O, width) x (width, M), whose rows `_col2im_t` adds
+        # back as shifted channel planes.
+        out = _col2im_t(w3.t().mm(h2.t()), (n, w3.shape[1] // 9, height, width))
+        return out.add_(b3[:, None, None]).contiguous()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         cols, h1, h2, w1, w2, w3 = ctx.saved_tensors
         n, height, width, c = ctx.shape
-        grad = grad.permute(0, 2, 3, 1).contiguous()
-        grad_cols = _im2col(grad)  # the adjoint of the forward's _col2im
-        grad_w3 = h2.t().mm(grad_cols)
         keep = 1.0 / (1.0 - ctx.dropout)  # dropout's rescaling of the kept units
-        dz = torch.ops.aten.threshold_backward(grad_cols.mm(w3.t() * keep), h2, 0)
-        grad_w2, grad_b2 = dz.t().mm(h1), dz.sum(0)
-        dz = torch.ops.aten.threshold_backward(dz.mm(w2), h1, 0)
-        grad_w1, grad_b1 = dz.t().mm(cols), dz.sum(0)
+        grad_rows = _im2col_t(grad)  # (9 O, M): the adjoint of the forward's _col2im_t
+        grad_w3 = grad_rows.mm(h2).t()
+        grad_b3 = grad.sum((0, 2, 3))
+        dh = grad_rows.t().mm(w3.t() * keep)
+        # The ReLUs' backward in place (into the product just made, which nothing else reads),
+        # and the bias gradients as matrix-vector products with ones (a column sum that reads
+        # the map once, about twice as fast as sum(0) here; FlopCounterMode does not count mv,
+        # so the model's FLOPs stay those of its convolutions).
+        dz = torch.ops.aten.threshold_backward.grad_input(dh, h2, 0, grad_input=dh)
+        ones = dz.new_ones(dz.shape[0])
+        grad_w2, grad_b2 = dz.t().mm(h1), dz.t().mv(ones)
+        dh = dz.mm(w2)
+        dz = torch.ops.aten.threshold_backward.grad_input(dh, h1, 0, grad_input=dh)
+        grad_w1, grad_b1 = dz.t().mm(cols), dz.t().mv(ones)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _col2im(dz.mm(w1), (n, height, width, c)).permute(0, 3, 1, 2)
-        grad_b3 = grad.sum((0, 1, 2))
+            grad_x = _col2im_t(w1.t().mm(dz.t()), (n, c, height, width))
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_w3, grad_b3, None
 
 
@@ -274,7 +296,7 @@ class GlowNet(nn.Module):
             w2.flatten(1),
             b2,
             # column (i, j, o) holds w3[o, :, 2-i, 2-j]: the product for tap (i, j) at pixel p
-            # lands on pixel p + (i-1, j-1) (_col2im)
+            # lands on pixel p + (i-1, j-1) (_col2im_t)
             w3.flip(2, 3).permute(1, 2, 3, 0).flatten(1),
             b3,
             dropout.p if dropout.training else 0.0,
