@@ -96,6 +96,25 @@ def test_1x1_convolution_as_a_product_equals_the_convolution():
         )
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 3, 1, 5), (1, 2, 5, 1)])
+def test_glow_net_rows_on_one_pixel_wide_maps(shape):
+    """The matrix-product path on 1-pixel-high or -wide maps (empty shifted slices in the
+    patches' adjoint), batch 1, an odd channel count and a channels-last input: values and
+    gradients equal the plain layers' in float64."""
+    torch.manual_seed(0)
+    net = GlowNet(shape[1], 5, hidden_channels=6).double().train()
+    x = torch.randn(shape, dtype=torch.float64)
+    net(x)  # actnorm init
+    _perturb(net)
+    assert nets._gemm_path(x)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        fast, fast_grads = _values_and_grads(net, net, inp)
+        plain, plain_grads = _values_and_grads(net, net.net, inp)
+        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+        for a, b in zip(fast_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_glow_net_rows_in_float32_use_fused_products():
     """In float32 the matrix-product path runs oneDNN's fused linear+ReLU (float64 takes
     addmm): values and gradients equal the float64 layers to float32 rounding."""

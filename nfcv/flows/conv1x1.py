@@ -32,12 +32,17 @@ def _inverse(w: Tensor) -> Tensor:
 
 
 def _mix_channels(w: Tensor, x: Tensor) -> Tensor:
-    """The 1x1 convolution ``w`` (C, C) applied to ``x`` (N, C, H, W), as one matrix product
-    over the batch's pixels (einsum). oneDNN's 1x1 convolution of a few channels took 2-3x as
-    long on a CPU, forward and backward (4-48 channels, the 1x1 convs of Glow's benchmark sizes),
-    and 7% of a cpu-small Glow step (`python -m nfcv.bench`, README, Speed). The result is a
-    view in (C, N, H, W) memory order; the layers after it take any strides."""
-    return torch.einsum("oc,nchw->nohw", w, x)
+    """The 1x1 convolution ``w`` (C, C) applied to ``x`` (N, C, H, W).
+
+    On a CPU, one matrix product over the batch's pixels (einsum): oneDNN's 1x1 convolution of
+    a few channels took 2-3x as long, forward and backward (4-48 channels, the 1x1 convs of
+    Glow's benchmark sizes), and 7% of a cpu-small Glow step (`python -m nfcv.bench`, README,
+    Speed). Its result is a view in (C, N, H, W) memory order; the layers after it take any
+    strides. Elsewhere the convolution, unmeasured against einsum on a GPU (and cuDNN's
+    convolutions and cuBLAS's products follow different TF32 settings)."""
+    if x.device.type == "cpu":
+        return torch.einsum("oc,nchw->nohw", w, x)
+    return F.conv2d(x, w[:, :, None, None])
 
 
 class _Conv1x1Base(Bijector):

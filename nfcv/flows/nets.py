@@ -102,10 +102,10 @@ def _channels_last(x: Tensor, width: int) -> bool:
 # The network's two thin 3x3 convolutions (c/2 -> width and width -> c channels, c the flow's
 # channels) are the slow ones in oneDNN: a few input or output channels leave its kernels at a
 # tenth to a half of the machine's matrix-product rate. On a CPU GlowNet instead runs each as one
-# matrix product over the batch's pixels (rows, channels-last):
+# matrix product over the batch's pixels:
 #
-# - thin input: the 3x3 patches of the input (9 * c/2 columns, small) times the (9 c/2, width)
-#   weight matrix;
+# - thin input: the 3x3 patches of the input (one row per pixel, 9 * c/2 columns) times the
+#   (9 c/2, width) weight matrix, giving the hidden maps one row per pixel (channels-last);
 # - thin output: a (9 c, width) matrix times the transposed hidden map gives each pixel's
 #   contribution to each of its 9 neighbours, taps-major: one row per (tap, channel), pixels
 #   along the row. `_col2im_t` sums them as 8 shifted adds of whole channel planes (the adjoint
@@ -196,6 +196,7 @@ class _GlowNetRows(torch.autograd.Function):
         return out.add_(b3[:, None, None]).contiguous()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its products run outside autograd
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         cols, h1, h2, w1, w2, w3 = ctx.saved_tensors
         n, height, width, c = ctx.shape
