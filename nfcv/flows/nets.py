@@ -44,7 +44,7 @@ class ZeroConv2d(nn.Module):
         with weight W * e and bias b * e, the output scale folded into the (small) weights
         instead of a pass over the output."""
         scale = torch.exp(self.logs * ZERO_CONV_LOGSCALE_FACTOR).view(-1)
-        return self.conv.weight * scale[:, None, None, None], self.conv.bias * scale
+        return self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.folded()
@@ -77,7 +77,7 @@ class _ActNormAct(nn.Module):
             with torch.no_grad():
                 norm.initialize(conv(x))
         scale = torch.exp(norm.log_scale).view(-1)
-        return conv.weight * scale[:, None, None, None], norm.loc.view(-1) * scale
+        return conv.weight * scale.view(-1, 1, 1, 1), norm.loc.view(-1) * scale
 
     def after_conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """``self(conv(x))`` as one convolution (`folded`); the ReLU runs in place on the
@@ -122,10 +122,13 @@ def _channels_last(x: Tensor, width: int) -> bool:
 
 
 def _im2col(x: Tensor) -> Tensor:
-    """(N, H, W, C) -> (N*H*W, 9*C): each pixel's 3x3 neighbourhood (zero padding), columns in
-    (row offset, column offset, channel) order."""
-    n, h, w, c = x.shape
-    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    """(N, C, H, W) -> (N*H*W, 9*C): each pixel's 3x3 neighbourhood (zero padding), columns in
+    (row offset, column offset, channel) order. The input is copied once into a zero-bordered
+    channels-last buffer (the padding and the layout change in one pass), whose patches are
+    then one strided view and one copy."""
+    n, c, h, w = x.shape
+    xp = x.new_zeros(n, h + 2, w + 2, c)
+    xp[:, 1 : h + 1, 1 : w + 1] = x.permute(0, 2, 3, 1)
     s = xp.stride()
     patches = xp.as_strided((n, h, w, 3, 3, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
     return patches.reshape(n * h * w, 9 * c)
@@ -143,17 +146,26 @@ def _im2col_t(x: Tensor) -> Tensor:
 
 
 def _col2im_t(rows: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
-    """The adjoint of `_im2col_t`: (9*C, N*H*W) -> (N, C, H, W)."""
+    """The adjoint of `_im2col_t`: (9*C, N*H*W) -> (N, C, H, W), each tap's (C, N, H, W) planes
+    added back onto the pixels they were read from (tap (i, j) of pixel p onto p + (i-1, j-1)).
+
+    The 8 shifted windows are taken with one `as_strided` each, where indexing took four view
+    operations a window: at Glow's small sizes these maps are small enough that the number of
+    operations, not the data, sets the time (0.27 -> 0.21 ms a call at cpu-small)."""
     n, c, h, w = shape
-    taps = rows.view(3, 3, c, n, h, w)
-    out = taps[1, 1].clone()
+    plane = c * n * h * w
+    rows = rows.contiguous()  # the windows below assume its layout (products give it)
+    out = rows.view(9, plane)[4].view(c, n, h, w).clone()  # the centre tap
+    base, stride = rows.storage_offset(), out.stride()
     for i in range(3):
         for j in range(3):
-            if (i, j) != (1, 1):
-                di, dj = i - 1, j - 1
-                out[:, :, max(0, di) : h + min(0, di), max(0, dj) : w + min(0, dj)].add_(
-                    taps[i, j, :, :, max(0, -di) : h + min(0, -di), max(0, -dj) : w + min(0, -dj)]
-                )
+            if (i, j) == (1, 1):
+                continue
+            di, dj = i - 1, j - 1
+            size = (c, n, h - abs(di), w - abs(dj))
+            window = out.as_strided(size, stride, max(0, di) * w + max(0, dj))
+            tap = (3 * i + j) * plane + max(0, -di) * w + max(0, -dj)
+            window.add_(rows.as_strided(size, stride, base + tap))
     return out.transpose(0, 1)
 
 
@@ -181,7 +193,7 @@ class _GlowNetRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, w3, b3, dropout: float):  # noqa: ANN001
         n, c, height, width = x.shape
-        cols = _im2col(x.permute(0, 2, 3, 1).contiguous())
+        cols = _im2col(x)
         h1 = _linear_relu(cols, w1, b1)
         h2 = _linear_relu(h1, w2, b2)
         if dropout > 0:
@@ -193,7 +205,7 @@ class _GlowNetRows(torch.autograd.Function):
         # The thin output conv taps-major: (9 O, width) x (width, M), whose rows `_col2im_t` adds
         # back as shifted channel planes.
         out = _col2im_t(w3.t().mm(h2.t()), (n, w3.shape[1] // 9, height, width))
-        return out.add_(b3[:, None, None]).contiguous()
+        return out.add_(b3.view(-1, 1, 1)).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # its products run outside autograd
@@ -214,7 +226,10 @@ class _GlowNetRows(torch.autograd.Function):
         grad_w2, grad_b2 = dz.t().mm(h1), dz.t().mv(ones)
         dh = dz.mm(w2)
         dz = torch.ops.aten.threshold_backward.grad_input(dh, h1, 0, grad_input=dh)
-        grad_w1, grad_b1 = dz.t().mm(cols), dz.t().mv(ones)
+        # (9C, M) x (M, width), transposed after: 1.5-2x the rate of dz^T x cols for these
+        # thin shapes (MKL, measured at 18-108 columns).
+        grad_w1 = cols.t().mm(dz).t()
+        grad_b1 = dz.t().mv(ones)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _col2im_t(w1.t().mm(dz.t()), (n, c, height, width))
