@@ -166,9 +166,10 @@ class InvConv1x1LU(_Conv1x1Base):
     def weight(self) -> Tensor:
         # `_factors` in fewer operations (this runs at every training step; at Glow's small
         # sizes the number of operations, not their size, sets its cost).
-        lower = torch.tril(self.lower, -1) + self.eye
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
-        return self.perm @ (lower @ upper)
+        dtype = self.lower.dtype  # the buffers follow it (no-ops when they match)
+        lower = torch.tril(self.lower, -1) + self.eye.to(dtype)
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s.to(dtype) * self.log_s.exp())
+        return self.perm.to(dtype) @ (lower @ upper)
 
     def _weight_inverse64(self) -> Tensor:
         p, lower, upper = self._factors(torch.float64)
