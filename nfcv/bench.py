@@ -31,6 +31,7 @@ machine: anything else on the cores shows up in every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -203,6 +204,70 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorMeta:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def record_products(fn: Callable[[], Any]) -> list[tuple[Any, tuple, dict]]:
+    """The calls `fn` makes to the operations FlopCounterMode counts (matrix products and
+    convolutions, forward and backward), in order, with each tensor argument replaced by its
+    (shape, stride, dtype, device)."""
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    _register_onednn_linear()
+    counted = set(flop_counter.flop_registry)
+    calls: list[tuple[Any, tuple, dict]] = []
+
+    def meta(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return _TensorMeta(tuple(a.shape), tuple(a.stride()), a.dtype, a.device)
+        return a
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            if func in counted or func.overloadpacket in counted:
+                calls.append((func, tree_map(meta, args), tree_map(meta, kwargs)))
+            return func(*args, **kwargs)
+
+    with Recorder():
+        fn()
+    return calls
+
+
+def products_replay(calls: list[tuple[Any, tuple, dict]]) -> Callable[[], None]:
+    """A function that makes the recorded calls again, on random tensors of the same shapes
+    and strides (one set per distinct layout, made once): the step's products and nothing
+    else."""
+    from torch.utils._pytree import tree_map
+
+    pool: dict[_TensorMeta, torch.Tensor] = {}
+
+    def make(a: Any) -> Any:
+        if not isinstance(a, _TensorMeta):
+            return a
+        if a not in pool:
+            pairs = zip(a.shape, a.stride, strict=True)
+            extent = 1 + sum((n - 1) * st for n, st in pairs) if all(a.shape) else 0
+            base = torch.randn(extent, dtype=a.dtype, device=a.device)
+            pool[a] = base.as_strided(a.shape, a.stride)
+        return pool[a]
+
+    ready = [(func, tree_map(make, args), tree_map(make, kwargs)) for func, args, kwargs in calls]
+
+    def replay() -> None:
+        for func, args, kwargs in ready:
+            func(*args, **kwargs)
+
+    return replay
+
+
 def _status_mib(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -299,9 +364,12 @@ def measure(
     checkpoint_grads: bool = False,
     warmup: int = 2,
     repeats: int = 5,
+    products: bool = False,
 ) -> dict[str, Any]:
     """Speeds and FLOPs of one configuration, in this process (with the allocator setting
-    nfcv-train uses: `nfcv.allocator.keep_freed_memory`)."""
+    nfcv-train uses: `nfcv.allocator.keep_freed_memory`). `products`: also the utilisation of
+    the step's products alone (`products_replay`), the step's ceiling were everything else
+    free."""
     from nfcv.allocator import keep_freed_memory
 
     keep_freed_memory()
@@ -353,6 +421,12 @@ def measure(
     )
     achieved = train_flops * batch / train_s
     utilisation = train_flops * batch * inverse_work  # median over repeats of achieved / matmul
+    extra: dict[str, Any] = {}
+    if products:
+        model.train()
+        replay = products_replay(record_products(train_step_fn(model, x, dtype, optimizer_cfg)))
+        _, _, inverse = timed_against_matmul(replay, matmul, warmup, repeats)
+        extra["products_utilisation"] = count_flops(replay) * inverse
     return {
         "preset": preset,
         "size": size_name,
@@ -369,6 +443,7 @@ def measure(
         "achieved_gflop_per_s": achieved / 1e9,
         "matmul_gflop_per_s": reference / 1e9,
         "flop_utilisation": utilisation,
+        **extra,
     }
 
 
@@ -420,6 +495,7 @@ COLUMNS = [
     ("GFLOP/s", "achieved_gflop_per_s", "{:.1f}"),
     ("matmul GFLOP/s", "matmul_gflop_per_s", "{:.1f}"),
     ("util", "flop_utilisation", "{:.2f}"),
+    ("products util", "products_utilisation", "{:.2f}"),
 ]
 
 
@@ -451,6 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="gradient checkpointing of the coupling networks; `both`: also an `on` row at the "
         "paper size for the presets that have it (not NICE)",
+    )
+    parser.add_argument(
+        "--products",
+        action="store_true",
+        help="also time the training step's matrix products and convolutions alone, replayed "
+        "on random tensors of the same shapes: the utilisation the step would reach were "
+        "everything else free (its ceiling with this library)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process
@@ -495,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoint_grads": ckpt,
                         "warmup": args.warmup,
                         "repeats": args.repeats,
+                        **({"products": True} if args.products else {}),
                     }
                 )
     rows = []

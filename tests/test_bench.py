@@ -67,6 +67,23 @@ def test_glow_training_flops_are_three_forward_passes():
     assert train == 3 * forward - skipped, (train, forward, skipped)
 
 
+def test_products_replay_counts_the_steps_flops():
+    """`--products` replays a training step's counted operations alone: the replay makes the
+    same calls (products, convolutions; forward and backward), so it counts exactly the
+    step's FLOPs, on tensors of the same layouts, and nothing else runs."""
+    model, x, optimizer = bench.build("glow", "tiny", torch.device("cpu"), None)
+    step = bench.train_step_fn(model, x, "fp32", optimizer)
+    step()  # actnorm init
+    calls = bench.record_products(step)
+    names = {str(func.overloadpacket) for func, _, _ in calls}
+    assert "aten.mm" in names and "aten.convolution" in names, names
+    replay = bench.products_replay(calls)
+    assert bench.count_flops(replay) == bench.count_flops(step)
+    params = [p.clone() for p in model.parameters()]
+    replay()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+
+
 def test_paper_size_flops_are_glows():
     """The `paper` size is the paper's CIFAR-10 layout at K=8: 3x32x32, width 512, L=3; the
     benchmark's model there counts what the hand count says (about 2 GFLOP per image)."""
@@ -97,6 +114,7 @@ def test_benchmark_command_writes_json(tmp_path):
             "2",
             "--checkpoint-grads",
             "both",
+            "--products",
             "--out",
             str(out),
         ],
@@ -114,7 +132,9 @@ def test_benchmark_command_writes_json(tmp_path):
     for row in rows:
         assert "error" not in row, row
         assert row["peak_train_mib"] >= 0 and row["train_gflop_per_img"] > 0
-    assert "train img/s" in proc.stdout and "glow" in proc.stdout
+        assert row["products_utilisation"] > 0
+    for column in ("train img/s", "products util", "glow"):
+        assert column in proc.stdout, proc.stdout
 
 
 def test_benchmark_rejects_unknown_names():
