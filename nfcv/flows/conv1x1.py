@@ -150,6 +150,8 @@ class InvConv1x1LU(_Conv1x1Base):
         s = torch.diagonal(upper)
         self.register_buffer("perm", p.float())
         self.register_buffer("sign_s", torch.sign(s).float())
+        # Unused since `_factors` masks with tril/triu; kept so that checkpoints saved with it
+        # still load (state dicts are loaded strictly).
         self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
         self.register_buffer("eye", torch.eye(num_channels))
         self.lower = nn.Parameter(lower.float())
@@ -157,19 +159,18 @@ class InvConv1x1LU(_Conv1x1Base):
         self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        lower = self.lower.to(dtype) * self.lower_mask.to(dtype) + self.eye.to(dtype)
-        upper = self.upper.to(dtype) * self.lower_mask.T.to(dtype) + torch.diag(
-            self.sign_s.to(dtype) * torch.exp(self.log_s.to(dtype))
+        """P, L and U in `dtype`: the learned entries outside each triangle are masked out
+        (`tril`/`triu`, which also mask their gradients). One path for the weight (each
+        training step) and the float64 inverse."""
+        lower = torch.tril(self.lower.to(dtype), -1) + self.eye.to(dtype)
+        upper = torch.triu(self.upper.to(dtype), 1) + torch.diag(
+            self.sign_s.to(dtype) * self.log_s.to(dtype).exp()
         )
         return self.perm.to(dtype), lower, upper
 
     def weight(self) -> Tensor:
-        # `_factors` in fewer operations (this runs at every training step; at Glow's small
-        # sizes the number of operations, not their size, sets its cost).
-        dtype = self.lower.dtype  # the buffers follow it (no-ops when they match)
-        lower = torch.tril(self.lower, -1) + self.eye.to(dtype)
-        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s.to(dtype) * self.log_s.exp())
-        return self.perm.to(dtype) @ (lower @ upper)
+        p, lower, upper = self._factors(self.lower.dtype)
+        return p @ (lower @ upper)
 
     def _weight_inverse64(self) -> Tensor:
         p, lower, upper = self._factors(torch.float64)
