@@ -11,8 +11,9 @@ from nfcv.schema import register as _register_schemas  # noqa: E402
 
 _register_schemas()
 
-from nfcv.api import build_model, compose, load  # noqa: E402
 from nfcv.catalogue import build_layer, layer_names  # noqa: E402
+from nfcv.checkpoint import load  # noqa: E402
+from nfcv.config import build_model, compose  # noqa: E402
 from nfcv.model import ImageFlow  # noqa: E402
 
 __all__ = [

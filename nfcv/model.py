@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from nfcv.dequant import Dequantizer, UniformDequantization, standard_normal_log_prob
@@ -68,7 +69,12 @@ class ImageFlow(nn.Module):
     `ClassConditionalPrior` and every density is p(x | y), so `log_prob`, `log_weights` and
     `bits_per_dim` need the labels ``y``; `transform` and `inverse` are the same bijection for
     every class, and `sample` takes a `label`.
+
+    `config`: the resolved train config the model was built from (`nfcv.build_model` and
+    `nfcv.load` set it; None for a model assembled by hand).
     """
+
+    config: DictConfig | None = None
 
     def __init__(
         self,

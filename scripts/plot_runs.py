@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import (  # noqa: E4
     EventAccumulator,
 )
 
-from nfcv.runs import run_label  # noqa: E402
+from nfcv.training.runs import run_label  # noqa: E402
 
 TAGS = ("train/bpd", "val/bpd")
 

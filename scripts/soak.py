@@ -71,7 +71,7 @@ def main() -> int:
     start = time.time()
     deadline = start + 60 * args.minutes
 
-    from nfcv.api import read_checkpoint
+    from nfcv.checkpoint import read_checkpoint
     from nfcv.errors import CheckpointError
 
     while time.time() < deadline and trainer.poll() is None:

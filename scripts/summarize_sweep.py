@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from nfcv.sweep import collect, format_table
+from nfcv.training.sweep import collect, format_table
 
 
 def main(argv: list[str] | None = None) -> int:

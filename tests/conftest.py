@@ -42,6 +42,6 @@ def tiny():
 def tiny_run(tmp_path_factory):
     """One tiny in-process training run (real Trainer, checkpoints on disk), shared by tests."""
     import nfcv
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     return train(nfcv.compose(_tiny_overrides()), run_dir=tmp_path_factory.mktemp("tiny") / "run")

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import nfcv
-from nfcv.lit import FlowModule
+from nfcv.training.module import FlowModule
 
 
 class DumpParams(L.Callback):

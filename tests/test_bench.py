@@ -1,15 +1,18 @@
-"""The speed benchmark (nfcv/bench.py): its FLOP count against a hand count, and the command."""
+"""The speed benchmark (benchmarks/bench.py): its FLOP count against a hand count, the command."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from nfcv import bench
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+sys.path.insert(0, str(BENCH.parent))
+import bench  # noqa: E402
 
 
 def glow_forward_macs(c: int, h: int, width: int, k: int, levels: int) -> int:
@@ -102,8 +105,7 @@ def test_benchmark_command_writes_json(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "nfcv.bench",
+            str(BENCH),
             "--presets",
             "glow,nice",
             "--sizes",
@@ -140,7 +142,7 @@ def test_benchmark_command_writes_json(tmp_path):
 def test_benchmark_rejects_unknown_names():
     def bench_cli(*args):
         return subprocess.run(
-            [sys.executable, "-m", "nfcv.bench", *args],
+            [sys.executable, str(BENCH), *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 
-from nfcv.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from nfcv.checkpoint import AtomicCheckpointIO, atomic_torch_save
 
 # A child that rewrites a ~48 MB checkpoint through the plugin in a loop, printing each step
 # once its file is in place; every tensor holds its step, so a mixed or torn file shows.
 WRITER = """
 import sys, torch
-from nfcv.checkpoint_io import AtomicCheckpointIO
+from nfcv.checkpoint import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 step = int(sys.argv[2])
 while True:

@@ -20,7 +20,7 @@ def test_last_checkpoint_holds_the_final_step_and_best_the_best(tiny_run):
 
 def test_last_checkpoint_after_steps_past_the_last_validation(tmp_path, tiny):
     import nfcv
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     summary = train(
         nfcv.compose(tiny(**{"trainer.max_steps": "3", "sample.every_n_steps": "0"})),

@@ -82,8 +82,8 @@ def test_conditional_training_eval_and_sample_end_to_end(tmp_path, tiny):
 
     from nfcv.cli.eval import evaluate
     from nfcv.cli.sample import sample
-    from nfcv.cli.train import train
     from nfcv.errors import ConfigError
+    from nfcv.training.run import train
 
     summary = train(nfcv.compose([*tiny(), "model.conditional=true"]), run_dir=tmp_path / "run")
     assert 0 < summary["test_bpd"] < 10

@@ -294,8 +294,8 @@ def test_checksums_are_computed_once_and_cached(tmp_path, monkeypatch):
     first = _datamodule(*overrides)
     first.setup()
     reads = []
-    real = nfcv.data._inspect
-    monkeypatch.setattr(nfcv.data, "_inspect", lambda p, d: reads.append(p) or real(p, d))
+    real = nfcv.data.files._inspect
+    monkeypatch.setattr(nfcv.data.files, "_inspect", lambda p, d: reads.append(p) or real(p, d))
     second = _datamodule(*overrides)
     second.setup()
     assert reads == []  # every file from the cache

@@ -334,7 +334,7 @@ def test_box_downsampling_matches_karras_halving():
     for _ in range(2):
         img = (img[0::2, 0::2] + img[0::2, 1::2] + img[1::2, 0::2] + img[1::2, 1::2]) * 0.25
     want = np.rint(img).clip(0, 255).astype(np.uint8)
-    np.testing.assert_array_equal(nfcv.data._box_downsample(arr, 16, 16), want)
+    np.testing.assert_array_equal(nfcv.data.images._box_downsample(arr, 16, 16), want)
 
 
 def test_celeba_hq_wrong_sized_image_fails_at_setup(tmp_path):
@@ -582,7 +582,7 @@ def test_checkpoint_and_eval_json_record_the_same_data(tmp_path, tiny):
     from test_data import write_cifar10
 
     from nfcv.cli.eval import evaluate_checkpoint
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     write_cifar10(tmp_path / "data", per_batch=5, n_test=3)
     overrides = tiny(
@@ -622,7 +622,7 @@ SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fash
     not SHARED_FASHION.is_dir(), reason="the shared Fashion-MNIST files are absent"
 )
 def test_real_fashion_mnist_trains_end_to_end(tmp_path, tiny):
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     overrides = tiny(
         **{

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import nfcv
-from nfcv.ema import EMA
+from nfcv.checkpoint import load_checkpoint
 from nfcv.errors import CheckpointError, ConfigError
+from nfcv.training.ema import EMA
 
 
 def test_first_update_copies_then_averages_with_a_ramped_decay():
@@ -51,7 +52,7 @@ def test_bad_decay_is_a_config_error(decay):
 def ema_run(tmp_path_factory):
     from conftest import _tiny_overrides
 
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     root = tmp_path_factory.mktemp("ema")
     # lr 1e-2 without warmup: weights that move in 4 steps, so the average differs visibly.
@@ -67,7 +68,8 @@ def test_checkpoints_hold_ema_weights_that_differ_from_the_trained_ones(ema_run)
     ckpt = torch.load(summary["last_ckpt"], weights_only=True)
     assert ckpt["ema"] == {"decay": 0.9, "num_updates": 4}
     averaged, trained = nfcv.load(summary["last_ckpt"]), nfcv.load(summary["last_ckpt"], ema=False)
-    assert averaged.uses_ema and not trained.uses_ema
+    assert load_checkpoint(summary["last_ckpt"]).uses_ema
+    assert not load_checkpoint(summary["last_ckpt"], ema=False).uses_ema
     explicit = nfcv.load(summary["last_ckpt"], ema=True)
     pairs = zip(averaged.parameters(), trained.parameters(), strict=True)
     gaps = [(a - b).abs().max().item() for a, b in pairs]
@@ -116,13 +118,13 @@ def test_eval_uses_ema_by_default_and_ema_false_the_trained_weights(ema_run, tmp
 def test_ema_true_without_ema_weights(tiny_run):
     with pytest.raises(CheckpointError, match="no EMA weights"):
         nfcv.load(tiny_run["last_ckpt"], ema=True)
-    assert not nfcv.load(tiny_run["last_ckpt"]).uses_ema
+    assert not load_checkpoint(tiny_run["last_ckpt"]).uses_ema
 
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed", "ignore:You're resuming")
 def test_resume_restores_the_average(ema_run, tmp_path):
     """Resuming from last.ckpt continues the average (4 + 2 updates), not a fresh copy (2)."""
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     _, summary, overrides = ema_run
     resumed = train(
@@ -135,7 +137,7 @@ def test_resume_restores_the_average(ema_run, tmp_path):
 
 
 def test_restore_round_trip(ema_run):
-    from nfcv.lit import FlowModule
+    from nfcv.training.module import FlowModule
 
     _, summary, _ = ema_run
     ckpt = torch.load(summary["last_ckpt"], weights_only=True)

@@ -26,7 +26,7 @@ from nfcv.evaluate import (
 )
 from nfcv.flows import Flatten, Sequential
 from nfcv.model import ImageFlow
-from nfcv.runs import expand_checkpoints, run_checkpoint, run_label
+from nfcv.training.runs import expand_checkpoints, run_checkpoint, run_label
 
 TINY_VARIATIONAL = [
     "dequant=variational",
@@ -313,7 +313,7 @@ def fashion_ckpt(tmp_path_factory):
     from conftest import _tiny_overrides
     from test_data import write_mnist_like
 
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     root = tmp_path_factory.mktemp("ood")
     write_mnist_like(root / "fashion" / "FashionMNIST" / "raw", n_train=40, n_test=6)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from functools import partial
 
-import pytest
 import torch
 from torch import nn
 
-from nfcv.flows import nets
 from nfcv.flows.nets import GlowNet, ZeroConv2d
 
 
@@ -30,25 +28,14 @@ def _values_and_grads(module: nn.Module, fn, x: torch.Tensor):
     return out.detach(), grads
 
 
-PATHS = {  # GlowNet's three ways to run: (USE_GEMM, CHANNELS_LAST_MAX_WIDTH)
-    "rows": (True, 256),
-    "channels_last": (False, 256),
-    "nchw": (False, 0),
-}
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-def test_glow_net_folds_actnorm_into_its_convs(path, monkeypatch):
+def test_glow_net_folds_actnorm_into_its_convs():
     """GlowNet.forward (actnorm folded into the conv weights, in-place ReLU, the output scale
-    folded into the last conv; on a CPU its convolutions as matrix products over the pixels,
-    or as channels-last or NCHW convolutions) equals running its layers one after the other,
-    values and gradients."""
-    monkeypatch.setattr(nets, "USE_GEMM", PATHS[path][0])
-    monkeypatch.setattr(nets, "CHANNELS_LAST_MAX_WIDTH", PATHS[path][1])
+    folded into the last conv) equals running its layers one after the other, values and
+    gradients."""
     torch.manual_seed(0)
     net = GlowNet(4, 6, hidden_channels=16).double().train()
     x = torch.randn(3, 4, 5, 7, dtype=torch.float64)
-    first = net(x)  # the data-dependent init of both actnorms: the plain path
+    first = net(x)  # the data-dependent init of both actnorms
     assert all(bool(m.norm.initialized) for m in (net.net[1], net.net[3]))
     assert torch.allclose(first, net.net(x), atol=1e-12)
     _perturb(net)
@@ -61,24 +48,6 @@ def test_glow_net_folds_actnorm_into_its_convs(path, monkeypatch):
         torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
         for a, b in zip(fast_grads, plain_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_taps_major_patches_and_their_adjoint():
-    """`_im2col_t` is F.unfold's 3x3 patches (zero padding) in (tap, channel) row order, and
-    `_col2im_t` is its adjoint: <im2col_t(x), y> = <x, col2im_t(y)>, on a non-square map."""
-    import torch.nn.functional as F
-
-    n, c, h, w = 2, 3, 4, 6
-    x = torch.randn(n, c, h, w, dtype=torch.float64)
-    rows = nets._im2col_t(x)
-    unfold = F.unfold(x, 3, padding=1).view(n, c, 3, 3, h * w)  # (n, c, i, j, pixel)
-    torch.testing.assert_close(
-        rows, unfold.permute(2, 3, 1, 0, 4).reshape(9 * c, n * h * w), rtol=0, atol=0
-    )
-    y = torch.randn(9 * c, n * h * w, dtype=torch.float64)
-    back = nets._col2im_t(y, (n, c, h, w))
-    assert back.shape == (n, c, h, w)
-    torch.testing.assert_close((rows * y).sum(), (x * back).sum(), rtol=1e-13, atol=0)
 
 
 def test_1x1_convolution_as_a_product_equals_the_convolution():
@@ -94,81 +63,6 @@ def test_1x1_convolution_as_a_product_equals_the_convolution():
         torch.testing.assert_close(
             _mix_channels(w, x), F.conv2d(x, w[:, :, None, None]), rtol=1e-13, atol=1e-13
         )
-
-
-@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (2, 3, 1, 5), (1, 2, 5, 1)])
-def test_glow_net_rows_on_one_pixel_wide_maps(shape):
-    """The matrix-product path on 1-pixel-high or -wide maps (empty shifted slices in the
-    patches' adjoint), batch 1, an odd channel count and a channels-last input: values and
-    gradients equal the plain layers' in float64."""
-    torch.manual_seed(0)
-    net = GlowNet(shape[1], 5, hidden_channels=6).double().train()
-    x = torch.randn(shape, dtype=torch.float64)
-    net(x)  # actnorm init
-    _perturb(net)
-    assert nets._gemm_path(x)
-    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-        fast, fast_grads = _values_and_grads(net, net, inp)
-        plain, plain_grads = _values_and_grads(net, net.net, inp)
-        torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
-        for a, b in zip(fast_grads, plain_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_glow_net_rows_in_float32_use_fused_products():
-    """In float32 the matrix-product path runs oneDNN's fused linear+ReLU (float64 takes
-    addmm): values and gradients equal the float64 layers to float32 rounding."""
-    torch.manual_seed(0)
-    net = GlowNet(6, 12, hidden_channels=32).double().train()
-    x = torch.randn(4, 6, 6, 6, dtype=torch.float64)
-    net(x)  # actnorm init
-    _perturb(net)
-    plain, plain_grads = _values_and_grads(net, net.net, x)
-    net32 = net.float()
-    if nets._ONEDNN_LINEAR:
-        with torch.profiler.profile() as prof:
-            net32(x.float())
-        assert any("_linear_pointwise" in e.key for e in prof.key_averages())
-    fast, fast_grads = _values_and_grads(net32, net32, x.float())
-    torch.testing.assert_close(fast.double(), plain, rtol=1e-4, atol=1e-5)
-    for a, b in zip(fast_grads, plain_grads, strict=True):
-        scale = b.abs().max().item()
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
-
-
-def test_glow_net_rows_dropout_gradients():
-    """With dropout the matrix-product path reads the dropout-and-ReLU mask off its saved
-    output: its gradients pass torch.autograd.gradcheck (finite differences, float64, the
-    same dropout mask on every call), and the dropout is active (some units dropped)."""
-    torch.manual_seed(0)
-    net = GlowNet(2, 4, hidden_channels=8, dropout=0.5).double().train()
-    x = torch.randn(2, 2, 4, 5, dtype=torch.float64)
-    net(x)
-    _perturb(net)
-    params = list(net.parameters())
-
-    def f(x, *weights):
-        torch.manual_seed(3)
-        with torch.nn.utils.stateless._reparametrize_module(
-            net, dict(zip([n for n, _ in net.named_parameters()], weights, strict=True))
-        ):
-            return net(x)
-
-    inputs = (x.requires_grad_(), *[p.detach().clone().requires_grad_() for p in params])
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
-    torch.manual_seed(3)
-    with_dropout = net(x)
-    net.eval()
-    assert not torch.allclose(with_dropout, net(x))
-
-
-def test_glow_net_rows_are_not_used_under_autocast():
-    """bfloat16 autocast keeps the convolution path (its own precision rules)."""
-    x = torch.randn(2, 4, 4, 4)
-    assert nets._gemm_path(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not nets._gemm_path(x)
-    assert not nets._gemm_path(x.to(torch.bfloat16))
 
 
 def test_zero_conv_folds_its_output_scale():
@@ -256,7 +150,7 @@ def test_optimizer_is_fused_where_it_can_be():
     says `fused: false` or mixed precision is on; Adamax has none. The fused step is the same
     update up to rounding."""
     import nfcv
-    from nfcv.lit import build_optimizer
+    from nfcv.training.module import build_optimizer
 
     def params():
         torch.manual_seed(0)

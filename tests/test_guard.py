@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nfcv
-from nfcv.cli.train import train
-from nfcv.guard import NumericalGuard, TrainingDiverged
+from nfcv.training.guard import NumericalGuard, TrainingDiverged
+from nfcv.training.run import train
 
 
 class PoisonGrad(L.Callback):

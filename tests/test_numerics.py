@@ -59,7 +59,7 @@ def test_a_singular_plain_1x1_conv_is_an_error_in_evaluation():
 
 
 def test_loaded_models_refuse_to_invert_a_singular_conv(tiny, tmp_path):
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     overrides = tiny(**{"model.permutation": "plain", "trainer.max_steps": "2"})
     summary = train(nfcv.compose(overrides), tmp_path / "run")

@@ -54,7 +54,7 @@ def runs(tiny_run, tmp_path_factory):
     training bpd every step, with the overrides file Hydra would have written."""
     from conftest import _tiny_overrides
 
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     extra = {"trainer.log_every_n_steps": "1", "model.hidden": "4"}
     run_dir = tmp_path_factory.mktemp("plots") / "run"

@@ -28,7 +28,7 @@ def test_bf16_autocast_bpd_within_a_hundredth_of_float32(name):
 
 
 def test_bf16_mixed_trainer_runs_and_checkpoints(tmp_path, tiny):
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     cfg = nfcv.compose([*tiny(), "trainer.precision=bf16-mixed"])
     summary = train(cfg, run_dir=tmp_path / "run")
@@ -65,7 +65,7 @@ def test_checkpoint_grads_and_compile_flags_reach_the_model():
     assert couplings and all(m.checkpoint_grads for m in couplings)
     from omegaconf import OmegaConf
 
-    from nfcv.lit import FlowModule
+    from nfcv.training.module import FlowModule
 
     module = FlowModule(OmegaConf.to_container(cfg, resolve=True))
     nets = [m.net for m in module.model.modules() if hasattr(m, "checkpoint_grads")]

@@ -230,7 +230,7 @@ def test_each_preset_learns_digits(name):
 def test_presets_train_checkpoint_and_reload(tmp_path, name):
     """The real Trainer for a few steps; the checkpoint rebuilds the same model (per-position
     ActNorm, batch-norm statistics and the variational dequantizer included)."""
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     cfg = nfcv.compose(
         [

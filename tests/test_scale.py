@@ -15,8 +15,9 @@ import torch
 from conftest import _tiny_overrides
 
 import nfcv
+from nfcv.data.samplers import ResumableShuffle, ShardedSequential
 from nfcv.errors import ConfigError
-from nfcv.resume import ResumableShuffle, ShardedSequential, resume_checkpoint
+from nfcv.training.resume import resume_checkpoint
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
@@ -45,7 +46,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 def test_samplers_split_the_data_exactly(monkeypatch):
-    import nfcv.resume as resume
+    import nfcv.data.samplers as resume
 
     for world in (1, 2, 3):
         shards = []
@@ -82,7 +83,7 @@ def test_resume_requests_are_checked(tmp_path):
 def test_resume_replays_the_uninterrupted_run_exactly(tmp_path, stop_at):
     """512-image batches: 2 steps per epoch. Stop after `stop_at` steps, resume to 6: the
     weights and the optimizer state equal those of one run of 6 steps, bit for bit."""
-    from nfcv.cli.train import train
+    from nfcv.training.run import train
 
     common = _tiny_overrides(
         **{

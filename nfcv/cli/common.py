@@ -9,10 +9,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nfcv.api import resolve
+from nfcv.checkpoint import Loaded
+from nfcv.config import resolve
 from nfcv.errors import ConfigError
-from nfcv.model import ImageFlow
-from nfcv.runs import expand_checkpoints
+from nfcv.training.runs import expand_checkpoints
 
 
 def checkpoint_arg(cfg: DictConfig) -> Path:
@@ -72,7 +72,7 @@ def choice_arg(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
     return value
 
 
-def data_module(cfg: DictConfig, model: ImageFlow, batch_size: int | None = None):
+def data_module(cfg: DictConfig, loaded: Loaded, batch_size: int | None = None):
     """The data module to read real images from: the checkpoint's own data, or ``data=NAME``
     (another dataset of the same image shape and number of levels, e.g. for out-of-distribution
     scores), with ``root=``/``download=`` applied. Not set up yet (that reads the files)."""
@@ -81,13 +81,14 @@ def data_module(cfg: DictConfig, model: ImageFlow, batch_size: int | None = None
         data_cfg = OmegaConf.create(resolve(other))
         source = f"data={data_cfg.get('name', '?')}"
     else:
-        data_cfg = OmegaConf.create(OmegaConf.to_container(model.config.data))
+        data_cfg = OmegaConf.create(OmegaConf.to_container(loaded.config.data))
         source = f"the checkpoint's data ({data_cfg.get('name')})"
     for key in ("root", "download"):
         if cfg.get(key) is not None:
             if key not in data_cfg:
                 raise ConfigError(f"{key}= does not apply: {source} has no {key} option")
             data_cfg[key] = cfg[key]
+    model = loaded.model
     shape = tuple(int(s) for s in data_cfg.get("image_shape", ()))
     bins = int(data_cfg.get("num_bins", -1))
     if shape != model.image_shape or bins != model.num_bins:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 import nfcv
+from nfcv.checkpoint import load_checkpoint
 from nfcv.cli.common import (
     checkpoints_arg,
     data_module,
@@ -29,7 +30,7 @@ from nfcv.cli.common import (
 )
 from nfcv.errors import ConfigError, user_errors
 from nfcv.evaluate import SplitEvaluation, evaluate_split
-from nfcv.runs import run_dir_of, run_label
+from nfcv.training.runs import run_dir_of, run_label
 
 
 def _default_json(ckpt: Path, split: str, data_name: str | None) -> Path:
@@ -67,8 +68,9 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
     """Evaluate one checkpoint as `cfg` says; returns its JSON record and per-image results."""
     device = device_arg(cfg.device)
     k, batch_size, seed = int_arg(cfg, "k"), int_arg(cfg, "batch_size"), int_arg(cfg, "seed", 0)
-    model = nfcv.load(ckpt, map_location=device, ema=ema_arg(cfg))
-    datamodule = data_module(cfg, model, batch_size=batch_size)
+    loaded = load_checkpoint(ckpt, map_location=device, ema=ema_arg(cfg))
+    model = loaded.model
+    datamodule = data_module(cfg, loaded, batch_size=batch_size)
     loader = datamodule.eval_loader(cfg.split)
 
     # The dequantization noise comes from the global RNG: the same seed gives the same figure,
@@ -90,14 +92,14 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
     record = {
         "checkpoint": str(ckpt),
         "label": label,
-        "model": model.config.model.get("name"),
-        "trained_on": model.config.data.get("name"),
+        "model": loaded.config.model.get("name"),
+        "trained_on": loaded.config.data.get("name"),
         "data": datamodule.describe(),
         "split": cfg.split,
         "num_images": result.num_images,
         "k": k,
         "seed": seed,
-        "ema": model.uses_ema,
+        "ema": loaded.uses_ema,
         "bpd": result.mean(),
         "bpd_stderr": result.stderr(),
         "breakdown": result.breakdown(),
@@ -105,7 +107,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
         "nfcv_version": nfcv.__version__,
     }
     # Same data as in training? Comparable only for the same dataset (not data=... OOD scores).
-    trained = (getattr(model, "data_info", None) or {}).get("files", {}).get("sha256")
+    trained = loaded.data_info.get("files", {}).get("sha256")
     now = (record["data"].get("files") or {}).get("sha256")
     if trained and now and record["data"].get("name") == record["trained_on"]:
         record["same_files_as_training"] = trained == now

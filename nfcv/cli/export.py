@@ -1,4 +1,4 @@
-"""nfcv-export: a checkpoint's model as a safetensors file with its config (`nfcv.export`)."""
+"""nfcv-export: a checkpoint's model as a safetensors file with its config (`nfcv.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from nfcv.checkpoint import export_safetensors
 from nfcv.cli.common import checkpoint_arg, ema_arg
 from nfcv.errors import ConfigError, user_errors
-from nfcv.export import export_safetensors
-from nfcv.runs import expand_checkpoints
+from nfcv.training.runs import expand_checkpoints
 
 
 def export(cfg: DictConfig) -> Path:

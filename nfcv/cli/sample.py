@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torchvision.utils import save_image
 
-import nfcv
+from nfcv.checkpoint import Loaded, load_checkpoint
 from nfcv.cli.common import (
     checkpoints_arg,
     choice_arg,
@@ -59,9 +59,9 @@ def _index(cfg: DictConfig) -> list[int]:
         raise ConfigError(f"index must be a list of image numbers, got {values}") from err
 
 
-def _real_images(cfg: DictConfig, model: ImageFlow, index: list[int]) -> torch.Tensor:
+def _real_images(cfg: DictConfig, loaded: Loaded, index: list[int]) -> torch.Tensor:
     """Images `index` of split `cfg.split` of the checkpoint's data (or ``data=``)."""
-    dataset = data_module(cfg, model).split(str(cfg.split))
+    dataset = data_module(cfg, loaded).split(str(cfg.split))
     bad = [i for i in index if not 0 <= i < len(dataset)]
     if bad:
         raise ConfigError(
@@ -112,17 +112,18 @@ def sample(cfg: DictConfig) -> Path:
                 f"mode=interpolate needs at least 2 images, got index={index}: e.g. index=[0,1]"
             )
     batch_size = int_arg(cfg, "batch_size")
-    model = nfcv.load(ckpt, map_location=device_arg(cfg.device), ema=ema_arg(cfg))
+    loaded = load_checkpoint(ckpt, map_location=device_arg(cfg.device), ema=ema_arg(cfg))
+    model = loaded.model
     out = Path(cfg.out) if cfg.out else _default_out(ckpt, mode)
     out.parent.mkdir(parents=True, exist_ok=True)
-    weights = " (EMA weights)" if model.uses_ema else ""
+    weights = " (EMA weights)" if loaded.uses_ema else ""
 
     if mode == "grid":
         label = _label(cfg, model)
         save_image(sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label), out)
         print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
     elif mode == "interpolate":
-        x = _real_images(cfg, model, index)
+        x = _real_images(cfg, loaded, index)
         grid, error = interpolation_grid(model, x, steps=steps, path=path)
         save_image(grid, out)
         print(
@@ -131,7 +132,7 @@ def sample(cfg: DictConfig) -> Path:
             f"-> {out}"
         )
     elif mode == "reconstruct":
-        x = _real_images(cfg, model, list(range(n)))
+        x = _real_images(cfg, loaded, list(range(n)))
         grid, error = reconstruction_grid(model, x, nrow=nrow)
         save_image(grid, out)
         print(

@@ -12,11 +12,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from nfcv import __version__
-from nfcv.api import build_model
-from nfcv.ema import EMA
+from nfcv.checkpoint import hparams
+from nfcv.config import build_model
 from nfcv.errors import ConfigError
 from nfcv.model import ImageFlow
+from nfcv.training.ema import EMA
 
 
 def lr_factor(warmup_steps: int, decay: str = "none", total_steps: int = 0):
@@ -71,9 +71,7 @@ class FlowModule(L.LightningModule):
 
     def __init__(self, cfg: dict[str, Any], data_info: dict[str, Any] | None = None):
         super().__init__()
-        self.save_hyperparameters(
-            {"cfg": cfg, "data_info": data_info or {}, "nfcv_version": __version__}
-        )
+        self.save_hyperparameters(hparams(cfg, data_info))
         self.cfg = OmegaConf.create(cfg)
         self.model = build_model(self.cfg)
         if self.cfg.get("compile", False):
@@ -98,7 +96,7 @@ class FlowModule(L.LightningModule):
         # The data module validated every pixel at setup; re-check the first batch only (the range
         # check costs a device sync per step).
         loss = self._bpd(batch, check=self.global_step == 0).mean()
-        self.last_loss = loss.detach()  # what nfcv.guard.NumericalGuard checks before the step
+        self.last_loss = loss.detach()  # what the NumericalGuard checks before the step
         self.log("train/bpd", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 

@@ -139,7 +139,7 @@ class NumericalGuard(L.Callback):
     # -- rollback --------------------------------------------------------------------------------
 
     def _rollback(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from nfcv.api import read_checkpoint
+        from nfcv.checkpoint import read_checkpoint
 
         if self.ckpt_path.is_file():
             state, source = read_checkpoint(self.ckpt_path), str(self.ckpt_path)

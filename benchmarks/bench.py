@@ -1,15 +1,14 @@
 """Speed benchmark: how close training and sampling come to the machine's limit.
 
-    python -m nfcv.bench                                  # every preset, both sizes, this CPU
-    python -m nfcv.bench --presets glow --sizes paper --out glow.json
-    python -m nfcv.bench --device cuda --dtype bf16 --batch 64     # on a GPU
-    python scripts/benchmark.py ...                       # the same
+    python benchmarks/bench.py                              # every preset, both sizes, this CPU
+    python benchmarks/bench.py --presets glow --sizes paper --out glow.json
+    python benchmarks/bench.py --device cuda --dtype bf16 --batch 64     # on a GPU
 
 For each preset at each named size it prints and writes as JSON:
 
 - training images per second: one optimizer step is the model's bits per dim on a batch of
   random integer images (speed does not depend on the pixels), backward, gradient clipping and
-  Adam, as `nfcv.lit.FlowModule` trains; Lightning's own per-step overhead is not included;
+  Adam, as `FlowModule` trains; Lightning's own per-step overhead is not included;
 - sampling images per second: ``sample(64)`` in eval mode, and its time against one forward
   ``transform`` of 64 images timed right after it (``sample_over_transform``, the median of
   the pairs' ratios);
@@ -175,29 +174,9 @@ def timed_against_matmul(
     return statistics.median(times), statistics.median(rates), statistics.median(ratios)
 
 
-def _register_onednn_linear() -> None:
-    """FlopCounterMode counts aten's products; GlowNet's CPU path (`nfcv.flows.nets`) also calls
-    oneDNN's fused linear+ReLU, whose 2*M*K*N FLOPs this registers once."""
-    from torch.utils import flop_counter
-
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or op in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _linear_flops(x_shape, w_shape, *args: Any, **kwargs: Any) -> int:
-        if len(w_shape) != 2 or w_shape[1] != x_shape[-1]:  # .binary: (x, other, weight, ...)
-            w_shape = args[0]
-        rows = 1
-        for d in x_shape[:-1]:
-            rows *= d
-        return 2 * rows * x_shape[-1] * w_shape[0]
-
-
 def count_flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    _register_onednn_linear()
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -220,7 +199,6 @@ def record_products(fn: Callable[[], Any]) -> list[tuple[Any, tuple, dict]]:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
 
-    _register_onednn_linear()
     counted = set(flop_counter.flop_registry)
     calls: list[tuple[Any, tuple, dict]] = []
 
@@ -306,8 +284,8 @@ def _autocast(device: torch.device, dtype: str):
 
 def train_step_fn(model, x: torch.Tensor, dtype: str, optimizer_cfg) -> Callable[[], None]:
     """One optimizer step as nfcv trains: bits per dim, backward, clipping, the optimizer of
-    the default config (Adam) built as `nfcv.lit.FlowModule` builds it."""
-    from nfcv.lit import build_optimizer
+    the default config (Adam) built as `nfcv.training.module.FlowModule` builds it."""
+    from nfcv.training.module import build_optimizer
 
     opt = build_optimizer(optimizer_cfg, model.parameters())
 
@@ -450,7 +428,7 @@ def measure(
 def _child(spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh Python process and return its row (or its error)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "nfcv.bench", "--one", json.dumps(spec)],
+        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
@@ -512,7 +490,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nfcv.bench", description=__doc__.splitlines()[0]
+        prog="python benchmarks/bench.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--sizes", default="cpu-small,paper", help=f"of {', '.join(SIZES)}")

@@ -15,11 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nfcv.checkpoint import EMA_INFO as INFO_KEY
+from nfcv.checkpoint import EMA_STATE as STATE_KEY
 from nfcv.errors import ConfigError
-
-# Checkpoint keys (top level of the Lightning checkpoint dict).
-STATE_KEY = "ema_state_dict"
-INFO_KEY = "ema"
 
 
 class EMA:

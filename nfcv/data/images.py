@@ -1,0 +1,278 @@
+"""Image datasets: images held in memory, read one at a time from files, resampled to a
+configured shape; `reduce_bits` for fewer levels."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from nfcv.errors import DataError
+
+
+def reduce_bits(images: Tensor, num_bits: int) -> Tensor:
+    """8-bit images to `num_bits` bits by dropping low bits, ``x >> (8 - num_bits)``
+    (Glow's 5-bit CelebA-HQ)."""
+    if not 1 <= num_bits <= 8:
+        raise DataError(f"data.num_bits must be in 1..8, got {num_bits}")
+    return images >> (8 - num_bits) if num_bits < 8 else images
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images (N, C, H, W) held in memory, with labels; optional horizontal flips."""
+
+    def __init__(self, images: Tensor, labels: Tensor, hflip: bool = False):
+        self.images = images
+        self.labels = labels
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.images[i]
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+class ImageSource(Dataset):
+    """The images of one split, read one at a time (too many to hold in memory).
+
+    ``read(i)`` returns image `i` as uint8 (C, H, W), before any `num_bits` reduction.
+    """
+
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def read(self, i: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.read(i), self.labels[i]
+
+
+class NpyImages(ImageSource):
+    """uint8 images (N, C, H, W) in a ``.npy`` file, read one row at a time with ``os.pread``
+    (an open file: no map), so neither the process's anonymous memory nor its resident set grows
+    with the dataset; the OS's page cache keeps what fits. (A memory map would keep anonymous
+    memory flat too, but every page it touches counts in the resident set, which schedulers
+    that police RSS add up.) The file is opened lazily in each process (DataLoader workers
+    too) and never pickled. `array` gives the whole file as a read-only memory map."""
+
+    def __init__(self, path: Path, labels: Tensor):
+        self.path = Path(path)
+        self.labels = labels
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(f)
+            self.offset = f.tell()
+        self.image_shape = tuple(shape[1:])
+        self.row = math.prod(self.image_shape)
+        self._fd: int | None = None
+        self._pid = -1
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+    def read(self, i: int) -> Tensor:
+        if self._pid != os.getpid():  # first read in this process (a forked worker too)
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        buf = os.pread(self._fd, self.row, self.offset + i * self.row)
+        if len(buf) != self.row:
+            raise DataError(
+                f"{self.path} ends before image {i}: the converted copy is truncated; delete its "
+                "folder and rerun to convert again"
+            )
+        return torch.from_numpy(np.frombuffer(buf, np.uint8).reshape(self.image_shape).copy())
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How a decoded image file becomes an integer image of `shape` (C, H, W).
+
+    - ``crop``: (top, left, height, width) cut from the file's image first; None: none.
+    - ``resample="bilinear"``: PIL's antialiased bilinear filter to (H, W); without a crop the
+      image is first scaled so it covers (H, W) and then centre-cropped (torchvision's
+      ``Resize`` + ``CenterCrop``).
+    - ``resample="box"``: the mean of each f x f block (f = source size / target size, the same
+      along both sides), rounded to the nearest integer (ties to even). For power-of-two f this is
+      exactly Karras et al.'s dataset_tool, which made the CelebA-HQ resolutions Glow used.
+    """
+
+    shape: tuple[int, int, int]
+    crop: tuple[int, int, int, int] | None = None
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.resample not in ("bilinear", "box"):
+            raise DataError(f"data.resample must be bilinear or box, got {self.resample!r}")
+        if self.shape[0] not in (1, 3):
+            raise DataError(
+                f"image files give 1 (grayscale) or 3 (RGB) channels, but data.image_shape "
+                f"asks for {self.shape[0]}"
+            )
+
+    def record(self) -> dict:
+        return {
+            "crop_top_left_height_width": list(self.crop) if self.crop is not None else None,
+            "resize_to": list(self.shape[1:]),
+            "resample": self.resample,
+            "mode": "L" if self.shape[0] == 1 else "RGB",
+        }
+
+    def check_size(self, width: int, height: int) -> str | None:
+        """Why an image of `width` x `height` cannot be preprocessed (None if it can)."""
+        if self.crop is not None:
+            top, left, ch, cw = self.crop
+            if top + ch > height or left + cw > width:
+                return (
+                    f"the crop (top, left, height, width) = {list(self.crop)} does not fit in "
+                    f"its {height} x {width} pixels"
+                )
+            height, width = ch, cw
+        if self.resample == "box":
+            f = height // self.shape[1]
+            if f < 1 or height != f * self.shape[1] or width != f * self.shape[2]:
+                return (
+                    f"box resampling needs an integer multiple of {self.shape[1]} x "
+                    f"{self.shape[2]} with the same factor along both sides, got {height} x "
+                    f"{width}"
+                )
+        return None
+
+    def __call__(self, img) -> Tensor:
+        from PIL import Image
+
+        c, h, w = self.shape
+        img = img.convert("L" if c == 1 else "RGB")
+        if self.crop is not None:
+            top, left, ch, cw = self.crop
+            if top + ch > img.height or left + cw > img.width:
+                raise ValueError(
+                    f"the crop (top, left, height, width) = {self.crop} does not fit in the "
+                    f"image of {img.height} x {img.width}"
+                )
+            img = img.crop((left, top, left + cw, top + ch))
+        if self.resample == "box":
+            arr = _box_downsample(np.asarray(img), h, w)
+        else:
+            if self.crop is None and (img.height, img.width) != (h, w):
+                scale = max(h / img.height, w / img.width)
+                size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+                img = img.resize(size, Image.BILINEAR)
+                top = int(round((img.height - h) / 2.0))  # torchvision's CenterCrop rounding
+                left = int(round((img.width - w) / 2.0))
+                img = img.crop((left, top, left + w, top + h))
+            elif (img.height, img.width) != (h, w):
+                img = img.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img)
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+        return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # a writable copy
+
+
+def _box_downsample(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Mean over f x f blocks, rounded (ties to even): (f*h, f*w[, C]) uint8 -> (h, w[, C])."""
+    src_h, src_w = arr.shape[:2]
+    f = src_h // h
+    if f < 1 or src_h != f * h or src_w != f * w:
+        raise ValueError(
+            f"box resampling needs an image of an integer multiple of {h} x {w} with the same "
+            f"factor along both sides, got {src_h} x {src_w}"
+        )
+    if f == 1:
+        return arr
+    blocks = arr.reshape(h, f, w, f, *arr.shape[2:]).sum((1, 3), dtype=np.int64)
+    # Sums of integers divided by f*f, then np.rint: the same numbers as averaging in float32
+    # halving by halving and rounding once (dataset_tool keeps the float image between halvings).
+    return np.rint(blocks / (f * f)).clip(0, 255).astype(np.uint8)
+
+
+class ImageFiles(ImageSource):
+    """Image files decoded on demand with an `ImagePreprocess` (CelebA, CelebA-HQ, folders)."""
+
+    def __init__(self, paths: Sequence[Path], labels: Tensor, preprocess: ImagePreprocess):
+        self.paths = [str(p) for p in paths]
+        self.labels = labels
+        self.preprocess = preprocess
+
+    def read(self, i: int) -> Tensor:
+        from PIL import Image
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                return self.preprocess(img)
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+class IndexedImages(Dataset):
+    """Images `indices` of an `ImageSource` (all of it if None), reduced to `num_bits` and, if
+    `hflip`, flipped left-right with probability 1/2 (training only)."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        indices: Tensor | None = None,
+        num_bits: int = 8,
+        hflip: bool = False,
+    ):
+        self.source = source
+        self.indices = indices
+        self.shift = 8 - int(num_bits)
+        self.hflip = hflip
+        self.labels = source.labels if indices is None else source.labels[indices]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _read(self, i: int) -> Tensor:
+        j = int(self.indices[i]) if self.indices is not None else i
+        x = self.source.read(j)
+        return x >> self.shift if self.shift else x
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self._read(i)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+    @property
+    def images(self) -> Tensor:
+        """The whole split as one (N, C, H, W) tensor, unflipped: reads every image, so only
+        for small splits (tests, a few images for a figure)."""
+        return torch.stack([self._read(i) for i in range(len(self))])
+
+
+# ---------------------------------------------------------------------------------------------
+# The base data module
+
+Split = tuple[Tensor, Tensor] | ImageSource
