@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from nfcv.flows.actnorm import ActNorm
 from nfcv.flows.base import Bijector
 from nfcv.flows.conv1x1 import BlockInvConv1x1
-from nfcv.flows.coupling import Coupling
 from nfcv.flows.elementwise import Sigmoid
 from nfcv.flows.multiscale import ColumnSplit, SwapHalves
 from nfcv.flows.nets import GatedConv
@@ -110,7 +109,7 @@ class VariationalDequantization(Dequantizer):
         """``(u, log|det du/deps|)`` for noise `eps` of the image shape and a `context` map."""
         v, total = self.split(eps)
         for layer in self.steps:
-            v, logdet = layer(v, context) if isinstance(layer, Coupling) else layer(v)
+            v, logdet = layer(v, context)
             total = total + logdet
         v, _ = self.split.inverse(v)
         u, logdet = self.sigmoid(v)

@@ -59,12 +59,12 @@ class ActNorm(Bijector):
         positions = 1 if self.spatial is not None else x.shape[2] * x.shape[3]
         return (positions * self.log_scale.sum()).expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.training and not bool(self.initialized):
             self.initialize(x)
         return (x + self.loc) * torch.exp(self.log_scale), self._logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z * torch.exp(-self.log_scale) - self.loc, -self._logdet(z)
 
     def output_shape(self, shape):

@@ -96,10 +96,10 @@ class MaskedAffineAutoregressive(Bijector):
         _, alpha = self._params(x)
         return x, sum_except_batch(alpha)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._sequential(x) if self.inverse_autoregressive else self._parallel(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.inverse_autoregressive:
             # IAF's inverse is MAF's forward with the roles of x and z swapped.
             return self._parallel(z)

@@ -3,6 +3,10 @@
 A `Bijector` maps ``x -> z`` in `forward` and ``z -> x`` in `inverse`; both return the output and
 the log-absolute-determinant of *their own* Jacobian, one value per sample. Containers sum the
 log-dets; layers never see a running total (nflows' convention, arXiv:1906.04032 code).
+
+Both take an optional `context`: what a conditional flow is conditioned on (the image's context
+map in variational dequantization, for example). Containers pass it to every layer; a layer that
+does not condition on anything ignores it, so any layer can sit in a conditional flow.
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ Shape = tuple[int, ...]
 class Bijector(nn.Module):
     """An invertible map with a tractable log-determinant.
 
-    Subclasses implement `forward` and `inverse`. `output_shape` maps a per-sample input shape to
+    Subclasses implement ``forward(x, context=None)`` and ``inverse(z, context=None)``.
+    `output_shape` maps a per-sample input shape to
     the per-sample output shape and raises `ValueError` when the layer cannot take that shape, so
     a model is checked once when it is built rather than at its first batch.
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+    def forward(  # pragma: no cover - interface
+        self, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+    def inverse(  # pragma: no cover - interface
+        self, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -73,17 +82,17 @@ class Sequential(Bijector):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = zero_logdet(x)
         for layer in self.layers:
-            x, logdet = layer(x)
+            x, logdet = layer(x, context)
             total = total + logdet
         return x, total
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = zero_logdet(z)
         for layer in reversed(self.layers):
-            z, logdet = layer.inverse(z)
+            z, logdet = layer.inverse(z, context)
             total = total + logdet
         return z, total
 
@@ -106,10 +115,10 @@ class Flatten(Bijector):
         super().__init__()
         self.shape = tuple(shape)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x.reshape(x.shape[0], -1), zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z.reshape(z.shape[0], *self.shape), zero_logdet(z)
 
     def output_shape(self, shape: Shape) -> Shape:

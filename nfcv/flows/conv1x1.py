@@ -99,14 +99,14 @@ class _Conv1x1Base(Bijector):
             self._inv_cache = (key, w_inv)
         return w_inv
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with no_autocast(x):
             x = at_least_float32(x)
             z = _mix_channels(self.weight().to(x.dtype), x)
         logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
         return z, logdet.expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with no_autocast(z):
             z = at_least_float32(z)
             x = _mix_channels(self.inverse_weight(z.dtype), z)
@@ -240,7 +240,7 @@ class BlockInvConv1x1(_Conv1x1Base):
     def log_abs_det(self) -> Tensor:
         return torch.linalg.slogdet(self.w.double())[1].sum()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with no_autocast(x):
             x = at_least_float32(x)
             w = self.w.to(x.dtype).reshape(self.num_channels, -1, 1, 1)
@@ -248,7 +248,7 @@ class BlockInvConv1x1(_Conv1x1Base):
         logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
         return z, logdet.expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with no_autocast(z):
             z = at_least_float32(z)
             w_inv = self.inverse_weight(z.dtype).reshape(self.num_channels, -1, 1, 1)

@@ -22,10 +22,10 @@ class Shift(Bijector):
         super().__init__()
         self.offset = float(offset)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x + self.offset, zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z - self.offset, zero_logdet(z)
 
 
@@ -41,14 +41,14 @@ class Logit(Bijector):
             raise ValueError(f"alpha must be in [0, 0.5), got {alpha}")
         self.alpha = float(alpha)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = self.alpha + (1.0 - 2.0 * self.alpha) * x
         z = torch.log(p) - torch.log1p(-p)
         # log p + log(1 - p) = -softplus(z) - softplus(-z), stable for any z.
         logdet = math.log1p(-2.0 * self.alpha) + F.softplus(z) + F.softplus(-z)
         return z, sum_except_batch(logdet)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = (torch.sigmoid(z) - self.alpha) / (1.0 - 2.0 * self.alpha)
         logdet = math.log1p(-2.0 * self.alpha) + F.softplus(z) + F.softplus(-z)
         return x, -sum_except_batch(logdet)
@@ -57,10 +57,10 @@ class Logit(Bijector):
 class Sigmoid(Bijector):
     """``z = sigmoid(x)``, log-det ``sum log sigmoid(x) + log sigmoid(-x)``."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return torch.sigmoid(x), sum_except_batch(F.logsigmoid(x) + F.logsigmoid(-x))
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = torch.log(z) - torch.log1p(-z)
         return x, -sum_except_batch(F.logsigmoid(x) + F.logsigmoid(-x))
 
@@ -74,7 +74,7 @@ class LogisticToNormal(Bijector):
     x > 0, and ``log Phi`` via `log_ndtr` for the inverse).
     """
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         a = x.abs()
         # Phi^-1(sigmoid(x)) for x < 0, -Phi^-1(sigmoid(-x)) for x >= 0: the argument stays in
         # the lower tail, where floating point has its resolution.
@@ -85,7 +85,7 @@ class LogisticToNormal(Bijector):
         log_normal = -0.5 * eps * eps - HALF_LOG_2PI
         return eps, sum_except_batch(log_logistic - log_normal)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # x = logit(Phi(z)). With the lower tail p = Phi(-|z|), log p by log_ndtr (precise where
         # p underflows): |x| = log(1 - p) - log p, and log sigmoid(x) + log sigmoid(-x) =
         # log p + log(1 - p). One log_ndtr instead of two, and no logsigmoid.

@@ -132,10 +132,10 @@ class FFJORD(Bijector):
             return y.clone(), logdet.clone()
         return self._integrate(x, t0, t1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._solve(x, 0.0, self.time)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # Integrating the same dynamics backwards accumulates -integral tr: the inverse's log-det.
         return self._solve(z, self.time, 0.0)
 

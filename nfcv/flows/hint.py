@@ -28,23 +28,25 @@ class HINTCoupling(Bijector):
         self.first = HINTCoupling(self.c1, net) if self.c1 >= 2 else None
         self.second = HINTCoupling(c2, net) if c2 >= 2 else None
 
-    def _halves(self, y: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _halves(
+        self, y: Tensor, inverse: bool, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         parts, total = [], y.new_zeros(y.shape[0])
         for sub, part in ((self.first, y[:, : self.c1]), (self.second, y[:, self.c1 :])):
             if sub is not None:
-                part, logdet = sub.inverse(part) if inverse else sub(part)
+                part, logdet = sub.inverse(part, context) if inverse else sub(part, context)
                 total = total + logdet
             parts.append(part)
         return torch.cat(parts, dim=1), total
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, logdet = self.coupling(x)
-        z, sub_logdet = self._halves(y, inverse=False)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, logdet = self.coupling(x, context)
+        z, sub_logdet = self._halves(y, inverse=False, context=context)
         return z, logdet + sub_logdet
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        y, sub_logdet = self._halves(z, inverse=True)
-        x, logdet = self.coupling.inverse(y)
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        y, sub_logdet = self._halves(z, inverse=True, context=context)
+        x, logdet = self.coupling.inverse(y, context)
         return x, logdet + sub_logdet
 
     def output_shape(self, shape):

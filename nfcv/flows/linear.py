@@ -27,10 +27,10 @@ class DiagAffine(Bijector):
         per_position = self.log_scale.expand(1, *x.shape[1:]).sum()
         return per_position.expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x * torch.exp(self.log_scale) + self.shift, self._logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (z - self.shift) * torch.exp(-self.log_scale), -self._logdet(z)
 
     def output_shape(self, shape):
@@ -84,7 +84,7 @@ class PeriodicConv(Bijector):
     def _logdet(self, spectrum: Tensor, x: Tensor) -> Tensor:
         return torch.linalg.slogdet(spectrum)[1].sum().to(x.dtype).expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r = self.kernel_size // 2
         spectrum = self._spectrum(x.shape[2], x.shape[3])
         if r < min(x.shape[2], x.shape[3]):
@@ -94,7 +94,7 @@ class PeriodicConv(Bijector):
             z = self._convolve(x, spectrum)
         return z, self._logdet(spectrum, x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         spectrum = self._spectrum(z.shape[2], z.shape[3])
         return self._convolve(z, torch.linalg.inv(spectrum)), -self._logdet(spectrum, z)
 

@@ -36,13 +36,13 @@ class Squeeze(Bijector):
             raise ValueError(f"Squeeze order must be 'glow' or 'depth', got {order!r}")
         self.order = order
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, c, h, w = x.shape
         z = x.reshape(b, c, h // 2, 2, w // 2, 2)
         z = z.permute(0, 1, 3, 5, 2, 4) if self.order == "glow" else z.permute(0, 3, 5, 1, 2, 4)
         return z.reshape(b, 4 * c, h // 2, w // 2), zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, c, h, w = z.shape
         if self.order == "glow":
             x = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
@@ -62,12 +62,12 @@ class ColumnSplit(Bijector):
     halves of the channels, ``(C, H, W) -> (2C, H, W/2)``, so a channel-mask coupling after it
     conditions the odd columns on the even ones at half the width. Volume-preserving."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, c, h, w = x.shape
         z = x.reshape(b, c, h, w // 2, 2).permute(0, 4, 1, 2, 3)
         return z.reshape(b, 2 * c, h, w // 2), zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b, c2, h, w = z.shape
         x = z.reshape(b, 2, c2 // 2, h, w).permute(0, 2, 3, 4, 1)
         return x.reshape(b, c2 // 2, h, 2 * w), zero_logdet(z)
@@ -86,10 +86,10 @@ class ColumnMerge(Bijector):
         super().__init__()
         self.split = ColumnSplit()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.split.inverse(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.split(z)
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -103,11 +103,11 @@ class SwapHalves(Bijector):
     """``(x_a, x_b) -> (x_b, x_a)`` over the channel halves (Flow++'s `TupleFlip`), so the next
     coupling transforms the half this one conditioned on. Volume-preserving."""
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c = x.shape[1] // 2
         return torch.cat([x[:, c:], x[:, :c]], dim=1), zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         c = z.shape[1] - z.shape[1] // 2
         return torch.cat([z[:, c:], z[:, :c]], dim=1), zero_logdet(z)
 
@@ -134,13 +134,13 @@ class SplitPrior(Bijector):
         mean, log_sigma = h.view(b, self.c2, 2, height, width).unbind(2)
         return mean, log_sigma
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z1, z2 = x.split([self.c1, self.c2], dim=1)
         mean, log_sigma = self._params(z1)
         eps = (z2 - mean) * torch.exp(-log_sigma)
         return torch.cat([z1, eps], dim=1), -sum_except_batch(log_sigma)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z1, eps = z[:, : self.c1], z[:, self.c1 :]
         mean, log_sigma = self._params(z1)
         return torch.cat([z1, eps * torch.exp(log_sigma) + mean], dim=1), sum_except_batch(
@@ -163,10 +163,10 @@ class LearnedPrior(Bijector):
     def _logdet(self, x: Tensor) -> Tensor:
         return (-(x.shape[2] * x.shape[3]) * self.log_sigma.sum()).expand(x.shape[0])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return (x - self.mean) * torch.exp(-self.log_sigma), self._logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z * torch.exp(self.log_sigma) + self.mean, -self._logdet(z)
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -213,11 +213,11 @@ class Levels(Bijector):
     def latent_dim(self) -> int:
         return sum(self.latent_sizes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = zero_logdet(x)
         outs = []
         for body, split in zip(self.levels, self.factor_out, strict=True):
-            x, logdet = body(x)
+            x, logdet = body(x, context)
             total = total + logdet
             if split:
                 c_keep = x.shape[1] // 2
@@ -226,7 +226,7 @@ class Levels(Bijector):
         outs.append(x.reshape(x.shape[0], -1))
         return torch.cat(outs, dim=1), total
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         parts = list(torch.split(z, self.latent_sizes, dim=1))
         b = z.shape[0]
         total = zero_logdet(z)
@@ -234,7 +234,7 @@ class Levels(Bijector):
         for i in reversed(range(len(self.levels))):
             if self.factor_out[i]:
                 x = torch.cat([x, parts.pop().reshape(b, *self.factored_shapes[len(parts)])], 1)
-            x, logdet = self.levels[i].inverse(x)
+            x, logdet = self.levels[i].inverse(x, context)
             total = total + logdet
         return x, total
 

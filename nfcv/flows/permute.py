@@ -27,10 +27,10 @@ class ChannelPermutation(Bijector):
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return x[:, self.perm], zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z[:, self.inv_perm], zero_logdet(z)
 
     def output_shape(self, shape):

@@ -65,10 +65,10 @@ class VectorAdditiveCoupling(Bijector):
         y[:, self.change] = x[:, self.change] + sign * self.net(x[:, self.keep])
         return y
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, 1.0), zero_logdet(x)
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(z, -1.0), zero_logdet(z)
 
     def output_shape(self, shape: Shape) -> Shape:
@@ -97,12 +97,12 @@ class VectorScale(Bijector):
         self.log_scale.copy_(log_scale)
         self.initialized.fill_(True)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.training and not bool(self.initialized):
             self.initialize(x)
         return x * torch.exp(self.log_scale), self.log_scale.sum().expand(x.shape[0])
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z * torch.exp(-self.log_scale), -self.log_scale.sum().expand(z.shape[0])
 
     def output_shape(self, shape: Shape) -> Shape:
