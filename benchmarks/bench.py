@@ -344,13 +344,9 @@ def measure(
     repeats: int = 5,
     products: bool = False,
 ) -> dict[str, Any]:
-    """Speeds and FLOPs of one configuration, in this process (with the allocator setting
-    nfcv-train uses: `nfcv.allocator.keep_freed_memory`). `products`: also the utilisation of
-    the step's products alone (`products_replay`), the step's ceiling were everything else
+    """Speeds and FLOPs of one configuration, in this process. `products`: also the utilisation
+    of the step's products alone (`products_replay`), the step's ceiling were everything else
     free."""
-    from nfcv.allocator import keep_freed_memory
-
-    keep_freed_memory()
     dev = torch.device(device)
     model, x, optimizer_cfg = build(preset, size_name, dev, batch)
     batch = x.shape[0]

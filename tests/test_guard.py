@@ -82,7 +82,7 @@ def test_skipped_step_leaves_the_weights_unchanged(tiny, tmp_path):
 def test_consecutive_bad_steps_roll_back_with_a_lower_lr(tiny, tmp_path):
     # last.ckpt is written at step 6 (validation every 2 steps); a NaN weight at step 6 makes
     # every later loss NaN until the rollback (after step 7) restores the weights of step 6.
-    overrides = tiny(**{"trainer.max_steps": "10", "guard.max_bad_steps": "2"})
+    overrides = tiny(**{"trainer.max_steps": "10", "callbacks.guard.max_bad_steps": "2"})
     summary = train(nfcv.compose(overrides), tmp_path / "run", callbacks=[PoisonWeight(6, True)])
     module = summary["module"]
     guard = _guard(module.trainer)
@@ -104,7 +104,7 @@ def test_consecutive_bad_steps_roll_back_with_a_lower_lr(tiny, tmp_path):
 
 
 def test_before_the_first_checkpoint_it_rolls_back_to_the_start(tiny, tmp_path):
-    overrides = tiny(**{"trainer.max_steps": "4", "guard.max_bad_steps": "1"})
+    overrides = tiny(**{"trainer.max_steps": "4", "callbacks.guard.max_bad_steps": "1"})
     summary = train(nfcv.compose(overrides), tmp_path / "run", callbacks=[PoisonWeight(1, True)])
     guard = _guard(summary["module"].trainer)
     assert (guard.skipped, guard.rollbacks) == (1, 1)
@@ -113,14 +113,20 @@ def test_before_the_first_checkpoint_it_rolls_back_to_the_start(tiny, tmp_path):
 
 def test_persistent_divergence_stops_with_a_clear_error(tiny, tmp_path):
     overrides = tiny(
-        **{"trainer.max_steps": "20", "guard.max_bad_steps": "2", "guard.max_rollbacks": "1"}
+        **{
+            "trainer.max_steps": "20",
+            "callbacks.guard.max_bad_steps": "2",
+            "callbacks.guard.max_rollbacks": "1",
+        }
     )
-    with pytest.raises(TrainingDiverged, match=r"after 1 rollback\(s\).*guard.max_rollbacks"):
+    with pytest.raises(
+        TrainingDiverged, match=r"after 1 rollback\(s\).*callbacks.guard.max_rollbacks"
+    ):
         train(nfcv.compose(overrides), tmp_path / "run", callbacks=[PoisonWeight(6, False)])
     assert nfcv.load(tmp_path / "run" / "checkpoints" / "last.ckpt") is not None
 
 
 def test_the_guard_can_be_switched_off(tiny, tmp_path):
-    overrides = tiny(**{"trainer.max_steps": "2", "guard.enabled": "false"})
+    overrides = tiny(**{"trainer.max_steps": "2", "callbacks.guard": "null"})
     summary = train(nfcv.compose(overrides), tmp_path / "run")
     assert not any(isinstance(c, NumericalGuard) for c in summary["module"].trainer.callbacks)

@@ -53,6 +53,7 @@ class ImageDataModule(L.LightningDataModule):
         name: str | None = None,
         num_bits: int | None = None,
         checksum: bool = True,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -65,6 +66,8 @@ class ImageDataModule(L.LightningDataModule):
         self.hflip = bool(hflip)
         self.num_bits = None if num_bits is None else int(num_bits)
         self.checksum = bool(checksum)
+        # The training order is drawn from (shuffle_seed, epoch); None: torch's initial seed.
+        self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)
         if name is not None:
             self.name = name
         self.train_set: Dataset | None = None
@@ -251,8 +254,7 @@ class ImageDataModule(L.LightningDataModule):
         # resumed run can continue mid-epoch, and evaluation shards without padding, both split
         # between the ranks of a distributed run. The loader's own generator keeps it from
         # drawing from the global RNG, which the training steps' noise comes from.
-        seed = getattr(self, "shuffle_seed", None)
-        seed = torch.initial_seed() if seed is None else int(seed)
+        seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
         n = len(dataset)
         sampler = ResumableShuffle(n, seed=seed) if shuffle else ShardedSequential(n)
         return DataLoader(

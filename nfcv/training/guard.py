@@ -51,17 +51,20 @@ class NumericalGuard(L.Callback):
         max_bad_steps: int = 5,
         lr_factor: float = 0.5,
         max_rollbacks: int = 3,
-        check_grads: bool = True,
+        check_grads: bool | None = None,
     ):
         if max_bad_steps < 1:
-            raise ValueError(f"guard.max_bad_steps must be >= 1, got {max_bad_steps}")
+            raise ValueError(f"callbacks.guard.max_bad_steps must be >= 1, got {max_bad_steps}")
         if not 0.0 < lr_factor <= 1.0:
-            raise ValueError(f"guard.lr_factor must be in (0, 1], got {lr_factor}")
+            raise ValueError(f"callbacks.guard.lr_factor must be in (0, 1], got {lr_factor}")
         self.ckpt_path = Path(ckpt_path)
         self.max_bad_steps = int(max_bad_steps)
         self.lr_factor = float(lr_factor)
         self.max_rollbacks = int(max_rollbacks)
+        # None: check gradients unless training in float16, whose GradScaler skips its own
+        # overflowing steps (not a divergence).
         self.check_grads = check_grads
+        self._loss: torch.Tensor | None = None
         self.skipped = 0  # bad steps in all
         self.consecutive = 0
         self.rollbacks = 0
@@ -81,6 +84,13 @@ class NumericalGuard(L.Callback):
 
     # -- hooks -----------------------------------------------------------------------------------
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.check_grads is None:
+            self.check_grads = not str(trainer.precision).startswith("16")
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._loss = loss.detach()  # checked with the gradients before the optimizer step
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.ckpt_path.is_file():
             # Nothing on disk to go back to yet: keep the starting state (on the CPU).
@@ -96,7 +106,7 @@ class NumericalGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        loss = getattr(pl_module, "last_loss", None)
+        loss, self._loss = self._loss, None
         ok = loss is None or _finite([loss])
         if ok and self.check_grads:
             ok = _finite([p.grad for p in params])
@@ -132,7 +142,7 @@ class NumericalGuard(L.Callback):
                 f"the learning rate lowered to {self.lr_scale:g} x its configured value "
                 f"({self.skipped} steps skipped in all). {self.ckpt_path} holds the last good "
                 "state. Lower optim.optimizer.lr, add trainer.gradient_clip_val, or raise "
-                "guard.max_rollbacks"
+                "callbacks.guard.max_rollbacks"
             )
         self._rollback(trainer, pl_module)
 

@@ -96,7 +96,6 @@ class FlowModule(L.LightningModule):
         # The data module validated every pixel at setup; re-check the first batch only (the range
         # check costs a device sync per step).
         loss = self._bpd(batch, check=self.global_step == 0).mean()
-        self.last_loss = loss.detach()  # what the NumericalGuard checks before the step
         self.log("train/bpd", loss, prog_bar=True, batch_size=batch[0].shape[0])
         return loss
 

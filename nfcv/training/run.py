@@ -12,8 +12,7 @@ from pathlib import Path
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, open_dict
 from torchvision.utils import save_image
@@ -24,14 +23,10 @@ from nfcv.errors import ConfigError
 from nfcv.grid import sample_grid
 from nfcv.schema import check_keys
 from nfcv.training.callbacks import (
-    ReconstructionLogger,
-    SampleGridLogger,
     TrainSpeed,
-    ValBpdHistogram,
 )
-from nfcv.training.guard import NumericalGuard
 from nfcv.training.module import FlowModule
-from nfcv.training.resume import LAST, Preemption, ResumeState, resume_checkpoint
+from nfcv.training.resume import resume_checkpoint
 from nfcv.training.sweep import write_status
 
 log = logging.getLogger("nfcv")
@@ -59,22 +54,19 @@ def run_dir_now() -> Path:
     return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def _guard(cfg: DictConfig, last: Path) -> list[NumericalGuard]:
-    """The numerical guard of the ``guard:`` block (absent in older configs: the defaults)."""
-    guard = cfg.get("guard") or {}
-    if not guard.get("enabled", True):
-        return []
-    precision = str(cfg.trainer.get("precision", "32"))
-    return [
-        NumericalGuard(
-            last,
-            max_bad_steps=int(guard.get("max_bad_steps", 5)),
-            lr_factor=float(guard.get("lr_factor", 0.5)),
-            max_rollbacks=int(guard.get("max_rollbacks", 3)),
-            # float16's GradScaler skips its own overflowing steps: not a divergence.
-            check_grads=not precision.startswith("16"),
-        )
-    ]
+def run_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The callbacks of the config's ``callbacks`` group, in order, skipping null entries."""
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if not isinstance(callback, L.Callback):
+            raise ConfigError(
+                f"callbacks.{name} must build a Lightning Callback, got {type(callback).__name__}"
+            )
+        built.append(callback)
+    return built
 
 
 def train(
@@ -88,7 +80,11 @@ def train(
     the best weights).
     """
     check_keys(cfg)  # a key added with `+` that its group does not have: before anything runs
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_now()
+    if run_dir is None:
+        run_dir = cfg.get("run_dir") or run_dir_now()
+    run_dir = Path(run_dir)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)  # what ${run_dir} in the callbacks and logger configs reads
     run_dir.mkdir(parents=True, exist_ok=True)
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -102,7 +98,6 @@ def train(
             "resume=auto: no checkpoint in %s, starting", run_dir
         )
     datamodule = instantiate(cfg.data)
-    datamodule.shuffle_seed = int(cfg.seed)  # the training order: from (seed, epoch)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
     # The test split too: its files are checked before training rather than after it, and the
     # checkpoint's data record gives the size of every split.
@@ -120,37 +115,13 @@ def train(
     module = FlowModule(plain_cfg, data_info=datamodule.describe())
 
     ckpt_dir = run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-step{step}",
-        auto_insert_metric_name=False,
-        monitor="val/bpd",
-        mode="min",
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    built = run_callbacks(cfg)
+    checkpoint = next(
+        (c for c in built if isinstance(c, ModelCheckpoint) and c.monitor is not None), None
     )
-    # last.ckpt: the latest state, rewritten at every validation. Not save_last=True above:
-    # Lightning >= 2.5 rewrites that file only when the best improves, so it held the best
-    # state, and resuming from it went back in time.
-    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", enable_version_counter=False)
-    logger = TensorBoardLogger(
-        save_dir=str(run_dir), name="tb", version="", default_hp_metric=False
-    )
-    speed = TrainSpeed()
-    extra_callbacks = list(callbacks)
-    callbacks = [
-        checkpoint,
-        latest,
-        speed,
-        LearningRateMonitor(logging_interval="step"),
-        SampleGridLogger(cfg.sample.every_n_steps, cfg.sample.temperatures, cfg.sample.per_row),
-        ReconstructionLogger(
-            cfg.sample.every_n_steps, cfg.sample.get("reconstructions", 8), cfg.sample.per_row
-        ),
-        ValBpdHistogram(),
-        ResumeState(),
-        Preemption(ckpt_dir),
-        *_guard(cfg, ckpt_dir / LAST),
-        *extra_callbacks,
-    ]
+    speed = next((c for c in built if isinstance(c, TrainSpeed)), None)
+    callbacks = [*built, *callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         logger=logger,
@@ -186,8 +157,8 @@ def train(
     if trainer.global_step > 0:
         trainer.save_checkpoint(last)
     # Read before testing: trainer.test restores the callback state stored in the checkpoint.
-    best = checkpoint.best_model_path or last
-    best_score = checkpoint.best_model_score
+    best = (checkpoint.best_model_path if checkpoint is not None else "") or last
+    best_score = checkpoint.best_model_score if checkpoint is not None else None
     test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     test_bpd = float(test_metrics[0]["test/bpd"]) if test_metrics else math.nan
 
@@ -200,7 +171,7 @@ def train(
         "best_val_bpd": float(best_score) if best_score is not None else math.nan,
         "steps": int(trainer.global_step),
         "fit_seconds": round(fit_seconds, 1),
-        "train_images_per_second": round(speed.images_per_second, 1),
+        "train_images_per_second": round(speed.images_per_second, 1) if speed else math.nan,
         "total_seconds": round(time.perf_counter() - start, 1),
         "run_dir": str(run_dir),
         "best_ckpt": best,
