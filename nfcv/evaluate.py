@@ -16,7 +16,6 @@ never positive (Jensen: the log of a mean is at least the mean of the logs).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from nfcv.errors import DataError
-from nfcv.model import MAX_IMAGES_PER_PASS, ImageFlow
+from nfcv.model import ImageFlow
 
 LOG_2PI = math.log(2 * math.pi)
 LOGDET = "log-determinant"
@@ -44,12 +43,6 @@ def latent_names(model: ImageFlow) -> list[str]:
     return [*names, f"latent level {len(sizes)} (top)"]
 
 
-def model_dtype(model: ImageFlow) -> torch.dtype:
-    """The model's float dtype (its first float parameter or buffer), which noise must match."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), torch.get_default_dtype())
-
-
 @torch.no_grad()
 def bits_per_dim_parts(
     model: ImageFlow,
@@ -61,53 +54,34 @@ def bits_per_dim_parts(
     """Bits per dim of integer images with `k` dequantization samples, and its parts.
 
     Returns ``(total, parts)``: float64 tensors of shape (B,) on the model's device, with
-    ``sum(parts.values()) == total`` up to float64 rounding. The noise is drawn exactly as
-    `ImageFlow.bits_per_dim(x_int, k)` draws it (same passes, same order), so from the same
-    random state both give the same total (up to float32 rounding).
+    ``sum(parts.values()) == total`` up to float64 rounding. The weights come from
+    `ImageFlow.log_weight_passes`, as `ImageFlow.bits_per_dim`'s do, so from the same random
+    state both give the same total (up to float32 rounding).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if x_int.dim() != 4 or tuple(x_int.shape[1:]) != model.image_shape:
-        raise ValueError(
-            f"expected images of shape (B, {', '.join(map(str, model.image_shape))}), "
-            f"got {tuple(x_int.shape)}"
-        )
-    if check:
-        model.check_range(x_int)
-    b, dim = x_int.shape[0], model.dim
-    to_bits = 1.0 / (dim * math.log(2))
+    model.check_inputs(x_int, k, check)
+    b = x_int.shape[0]
+    to_bits = 1.0 / (model.dim * math.log(2))
     names = latent_names(model)
-    dtype = model_dtype(model)
-    x = x_int.to(dtype)
-    sums = {name: x.new_zeros(b, dtype=torch.float64) for name in [*names, LOGDET, DEQUANT]}
+    sums = {
+        name: torch.zeros(b, dtype=torch.float64, device=model.device)
+        for name in [*names, LOGDET, DEQUANT]
+    }
     log_w = []
-    # The same chunking as ImageFlow.bits_per_dim: at most MAX_IMAGES_PER_PASS images per pass.
-    per_pass = 1 if k == 1 else max(1, MAX_IMAGES_PER_PASS // b)
-    for start in range(0, k, per_pass):
-        m = min(per_pass, k - start)
-        xs = x.repeat(m, 1, 1, 1) if m > 1 else x
-        y, log_q = model.dequantizer(xs, model.num_bins)
-        eps, logdet = model.transform(y)
-        eps, logdet, log_q = eps.double(), logdet.double(), log_q.double()
-        log_p = []
-        ys = labels.to(eps.device).repeat(m) if labels is not None else None
-        for name, lp in zip(names, model.latent_log_probs(eps, ys), strict=True):
-            lp = lp.double()
-            sums[name] += -lp.view(m, b).sum(0) * to_bits
-            log_p.append(lp)
-        sums[LOGDET] += -logdet.view(m, b).sum(0) * to_bits
-        sums[DEQUANT] += log_q.view(m, b).sum(0) * to_bits
-        w = torch.stack(log_p).sum(0) + logdet - log_q - dim * math.log(model.num_bins)
-        log_w.append(w.view(m, b))
+    for m, parts in model.log_weight_passes(x_int, k, labels):
+        for name, lp in zip(names, parts.latent, strict=True):
+            sums[name] += -lp.double().view(m, b).sum(0) * to_bits
+        sums[LOGDET] += -parts.logdet.double().view(m, b).sum(0) * to_bits
+        sums[DEQUANT] += parts.log_q.double().view(m, b).sum(0) * to_bits
+        log_w.append(parts.total(torch.float64).view(m, b))
     weights = torch.cat(log_w)  # (k, B), nats
-    parts = {name: value / k for name, value in sums.items()}
-    parts[DISCRETE] = torch.full_like(parts[LOGDET], math.log2(model.num_bins))
+    out = {name: value / k for name, value in sums.items()}
+    out[DISCRETE] = torch.full_like(out[LOGDET], math.log2(model.num_bins))
     if k == 1:
         total = -weights[0] * to_bits
     else:
         total = -(torch.logsumexp(weights, 0) - math.log(k)) * to_bits
-        parts[IMPORTANCE] = total - (-weights * to_bits).mean(0)
-    return total, parts
+        out[IMPORTANCE] = total - (-weights * to_bits).mean(0)
+    return total, out
 
 
 @dataclass

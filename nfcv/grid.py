@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from nfcv.evaluate import model_dtype
 from nfcv.model import ImageFlow
 
 PATHS = ("spherical", "linear")
@@ -25,10 +24,6 @@ def _eval_mode(model: ImageFlow) -> Iterator[ImageFlow]:
         yield model
     finally:
         model.train(was_training)
-
-
-def _device(model: ImageFlow) -> torch.device:
-    return next(iter(model.buffers()), next(iter(model.parameters()), torch.empty(0))).device
 
 
 def _grid(images: Tensor, nrow: int) -> Tensor:
@@ -48,7 +43,7 @@ def sample_grid(
     as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid. `label`: the class
     of every sample of a class-conditional model (default: image i is class i % num_classes)."""
     nrow = nrow or n
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     with _eval_mode(model):
         blocks = [
             model.sample(n, temperature=float(t), generator=generator, label=label)
@@ -62,7 +57,7 @@ def bin_centres(model: ImageFlow, x_int: Tensor) -> Tensor:
 
     The deterministic point to encode a real image at: its decode quantises back to the image.
     """
-    x = x_int.to(device=_device(model), dtype=model_dtype(model))
+    x = x_int.to(device=model.device, dtype=model.dtype)
     return (x + 0.5) / model.num_bins
 
 
@@ -157,7 +152,7 @@ def draw_samples(
     """`n` samples per temperature, `batch_size` at a time (bounded memory for the thousands a
     metric needs): ``(images (N, C, H, W) in [0, 1] on the CPU, temperature of each (N,))``.
     The same seed and batch size give the same samples."""
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
     images, temps = [], []
     with _eval_mode(model):
         for t in temperatures:

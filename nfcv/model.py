@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
@@ -57,6 +59,22 @@ class ClassConditionalPrior(nn.Module):
         """``mu_y + sigma_y * eps``: a standard normal draw of the top block made class-y."""
         mean, log_sigma = self._params(y)
         return mean.to(eps.dtype) + torch.exp(log_sigma.to(eps.dtype)) * eps
+
+
+@dataclass
+class LogWeightParts:
+    """The parts of ``log w = sum(latent) + logdet - log_q - discrete`` (nats, per sample)."""
+
+    latent: list[Tensor]  # log-density of each latent block under the base
+    logdet: Tensor  # log|det| of the whole bijection (preprocessing and learned priors included)
+    log_q: Tensor  # log q(u | x) of the dequantization noise (0 for uniform noise)
+    discrete: float  # D log(num_bins): from densities on [0, 1]^D to probabilities of bins
+
+    def total(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``log w``, accumulated in `dtype` (default: the parts' own)."""
+        cast = (lambda v: v.to(dtype)) if dtype is not None else (lambda v: v)
+        latent = torch.stack([cast(lp) for lp in self.latent]).sum(0)
+        return latent + cast(self.logdet) - cast(self.log_q) - self.discrete
 
 
 class ImageFlow(nn.Module):
@@ -145,9 +163,16 @@ class ImageFlow(nn.Module):
         without levels is one block of size D."""
         return list(getattr(self.flow, "latent_sizes", [self.dim]))
 
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Where the model lives and its float dtype (follows `.to()`, `.double()`, ...)."""
-        return self._probe.device, self._probe.dtype
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (follows `.to()`)."""
+        return self._probe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float dtype (follows `.double()`, `.to(dtype)`): what noise and
+        dequantized images are made in."""
+        return self._probe.dtype
 
     def _check_images(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -209,7 +234,7 @@ class ImageFlow(nn.Module):
         Class-conditional models draw the top block from class `label`'s prior (an int for all
         n, or a (n,) tensor); without a label, image i gets class ``i % num_classes``.
         """
-        device, dtype = self._device_dtype()
+        device, dtype = self.device, self.dtype
         eps = temperature * torch.randn(
             n, self.dim, generator=generator, device=device, dtype=dtype
         )
@@ -240,14 +265,46 @@ class ImageFlow(nn.Module):
                 "Pass the quantised image, not a dequantised or normalised one"
             )
 
+    def check_inputs(self, x_int: Tensor, k: int = 1, check: bool = True) -> None:
+        """The checks of `bits_per_dim`: image shape, `k`, and (with `check`) pixel range."""
+        self._check_images(x_int)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if check:
+            self.check_range(x_int)
+
+    def log_weight_passes(
+        self, x_int: Tensor, k: int = 1, labels: Tensor | None = None
+    ) -> Iterator[tuple[int, LogWeightParts]]:
+        """The `k` importance weights of each image, in its parts, one pass at a time.
+
+        Each pass dequantizes ``m`` copies of the batch at once (at most `MAX_IMAGES_PER_PASS`
+        images a pass, so k = 1024 needs the memory of k = 1's largest pass) and yields
+        ``(m, parts)``, the parts' tensors of shape (m * B,), copy-major. `bits_per_dim` and
+        `nfcv.evaluate` both read the weights from here, so from the same random state they see
+        the same noise.
+        """
+        b = x_int.shape[0]
+        x = x_int.to(self.dtype)
+        per_pass = 1 if k == 1 else max(1, MAX_IMAGES_PER_PASS // b)
+        for start in range(0, k, per_pass):
+            m = min(per_pass, k - start)
+            xs = x.repeat(m, 1, 1, 1) if m > 1 else x
+            ys = labels.to(x.device).repeat(m) if labels is not None and m > 1 else labels
+            y, log_q = self.dequantizer(xs, self.num_bins)
+            eps, logdet = self.transform(y)
+            yield m, LogWeightParts(
+                self.latent_log_probs(eps, ys), logdet, log_q, self.dim * math.log(self.num_bins)
+            )
+
     def log_weights(self, x_int: Tensor, labels: Tensor | None = None) -> Tensor:
         """One importance weight per image: ``log p(y) - log q(u|x) - D log(num_bins)``, nats.
 
         A lower bound on log P(x) for the discrete image x (one dequantization sample);
         `labels` for a class-conditional model.
         """
-        y, log_q = self.dequantizer(x_int.to(self._device_dtype()[1]), self.num_bins)
-        return self.log_prob(y, labels) - log_q - self.dim * math.log(self.num_bins)
+        ((_, parts),) = self.log_weight_passes(x_int, 1, labels)
+        return parts.total()
 
     def bits_per_dim(
         self, x_int: Tensor, k: int = 1, check: bool = True, labels: Tensor | None = None
@@ -258,21 +315,10 @@ class ImageFlow(nn.Module):
         `check=False` skips the pixel-range check (for data validated already). `labels`: the
         classes, for a class-conditional model (then the figure is for p(x | y)).
         """
-        self._check_images(x_int)
-        if check:
-            self.check_range(x_int)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if k == 1:
-            log_px = self.log_weights(x_int, labels)
-        else:
-            b = x_int.shape[0]
-            per_pass = max(1, MAX_IMAGES_PER_PASS // b)
-            chunks = []
-            for start in range(0, k, per_pass):
-                m = min(per_pass, k - start)
-                ys = labels.repeat(m) if labels is not None else None
-                w = self.log_weights(x_int.repeat(m, 1, 1, 1), ys)
-                chunks.append(w.view(m, b))
-            log_px = torch.logsumexp(torch.cat(chunks, 0), dim=0) - math.log(k)
+        self.check_inputs(x_int, k, check)
+        b = x_int.shape[0]
+        weights = torch.cat(
+            [parts.total().view(m, b) for m, parts in self.log_weight_passes(x_int, k, labels)]
+        )
+        log_px = weights[0] if k == 1 else torch.logsumexp(weights, dim=0) - math.log(k)
         return -log_px / (self.dim * math.log(2))

@@ -71,6 +71,16 @@ def no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+def apply(
+    layer: Bijector, x: Tensor, context: Tensor | None = None, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``layer(x, context)`` or ``layer.inverse(x, context)``, as containers call their layers;
+    without a context the layer is called as ``layer(x)``, so a layer written without the
+    `context` argument still composes."""
+    fn = layer.inverse if inverse else layer
+    return fn(x) if context is None else fn(x, context)
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     return x.new_zeros(x.shape[0])
 
@@ -85,14 +95,14 @@ class Sequential(Bijector):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = zero_logdet(x)
         for layer in self.layers:
-            x, logdet = layer(x, context)
+            x, logdet = apply(layer, x, context)
             total = total + logdet
         return x, total
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = zero_logdet(z)
         for layer in reversed(self.layers):
-            z, logdet = layer.inverse(z, context)
+            z, logdet = apply(layer, z, context, inverse=True)
             total = total + logdet
         return z, total
 

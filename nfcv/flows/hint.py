@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from nfcv.flows.base import Bijector, check_channels
+from nfcv.flows.base import Bijector, apply, check_channels
 from nfcv.flows.coupling import AffineCoupling, NetFactory
 
 
@@ -34,7 +34,7 @@ class HINTCoupling(Bijector):
         parts, total = [], y.new_zeros(y.shape[0])
         for sub, part in ((self.first, y[:, : self.c1]), (self.second, y[:, self.c1 :])):
             if sub is not None:
-                part, logdet = sub.inverse(part, context) if inverse else sub(part, context)
+                part, logdet = apply(sub, part, context, inverse)
                 total = total + logdet
             parts.append(part)
         return torch.cat(parts, dim=1), total

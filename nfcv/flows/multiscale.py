@@ -13,6 +13,7 @@ from nfcv.flows.base import (
     Bijector,
     Sequential,
     Shape,
+    apply,
     check_channels,
     sum_except_batch,
     zero_logdet,
@@ -217,7 +218,7 @@ class Levels(Bijector):
         total = zero_logdet(x)
         outs = []
         for body, split in zip(self.levels, self.factor_out, strict=True):
-            x, logdet = body(x, context)
+            x, logdet = apply(body, x, context)
             total = total + logdet
             if split:
                 c_keep = x.shape[1] // 2
@@ -234,7 +235,7 @@ class Levels(Bijector):
         for i in reversed(range(len(self.levels))):
             if self.factor_out[i]:
                 x = torch.cat([x, parts.pop().reshape(b, *self.factored_shapes[len(parts)])], 1)
-            x, logdet = self.levels[i].inverse(x, context)
+            x, logdet = apply(self.levels[i], x, context, inverse=True)
             total = total + logdet
         return x, total
 
