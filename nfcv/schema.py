@@ -42,11 +42,12 @@ class DataSchema:
     name: str = MISSING
     image_shape: list[int] = MISSING  # [channels, height, width]
     num_bins: int = MISSING  # quantisation levels of a pixel (2 ** num_bits)
-    val_size: int | None = 1000
+    val_size: int | None = MISSING  # null: the dataset's official validation split
     split_seed: int = 0
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    num_workers: int = MISSING
+    shuffle_seed: Any = "${seed}"  # the training order: drawn from (shuffle_seed, epoch)
 
 
 @dataclass
@@ -61,8 +62,8 @@ class FileDataSchema(DataSchema):
     root: str = MISSING
     download: bool = False
     verify: bool = True  # torchvision's MD5s of the files, where it lists them
-    num_bits: int = 8
-    hflip: bool = False
+    num_bits: int = MISSING
+    hflip: bool = MISSING
     checksum: bool = True
 
 
@@ -73,7 +74,7 @@ class SVHNSchema(FileDataSchema):
 
 @dataclass
 class CelebASchema(FileDataSchema):
-    crop: list[int] | None = None  # top, left, height, width
+    crop: list[int] | None = MISSING  # top, left, height, width; null: centre crop
     resample: str = "bilinear"
 
 
@@ -101,7 +102,7 @@ class ModelSchema:
     num_bins: int = MISSING
     conditional: bool = False  # class-conditional prior on the top latent
     num_classes: int | None = None  # set by nfcv-train from the data when conditional
-    preprocess: Any = None  # a bijection applied first (`_target_` block) or null
+    preprocess: Any = MISSING  # a bijection applied first (`_target_` block) or null
     flow: Any = MISSING  # the flow (`_target_` block)
 
 
@@ -109,14 +110,14 @@ class ModelSchema:
 class GlowSchema(ModelSchema):
     checkpoint_grads: bool = False
     levels: int = 2
-    steps: int = 8
+    steps: int = MISSING
     hidden: int = 48
-    dropout: float = 0.0
-    coupling: str = "affine"
-    permutation: str = "lu"
+    dropout: float = 0.2
+    coupling: str = MISSING
+    permutation: str = MISSING
     norm: str = "actnorm"
-    coupling_net: Any = None
-    choices: Any = None  # the catalogue layers `coupling`, `permutation` and `norm` pick from
+    coupling_net: Any = MISSING
+    choices: Any = MISSING  # the catalogue layers `coupling`, `permutation` and `norm` pick from
 
 
 @dataclass

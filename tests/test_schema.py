@@ -176,3 +176,88 @@ def test_cli_fails_before_reading_data(tmp_path):
     assert "data.bach_size is not a setting of data" in proc.stderr
     assert "did you mean data.batch_size?" in proc.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------ defaults said once
+#
+# The rule: a yaml file of a typed group holds the values users run; its schema declares the
+# keys and their types. A schema field's default is either `???` (MISSING: every yaml file that
+# uses the key sets it) or the value every yaml file of that schema that sets the key agrees
+# with (a file may repeat it, to carry the comment that documents it, but never contradict
+# it). A default that no run gets is a second, wrong, statement of the value.
+#
+# The trainer group is the exception: TrainerSchema mirrors lightning.Trainer's signature with
+# Lightning's defaults (test_trainer_schema_is_lightning_trainers_signature), and
+# configs/trainer/*.yaml are nfcv's choices where they differ from Lightning's, so a trainer
+# file's value that differs from the schema's is the point of the file, not a disagreement.
+DEFAULT_GROUPS = ("data", "model", "dequant", "optim")
+
+
+def _schema_entry(entry) -> tuple[str | None, str | None]:
+    """(schema name, parent yaml name) named by one entry of a file's defaults list."""
+    if isinstance(entry, str):
+        return (None, None) if entry == "_self_" else (None, entry)
+    ((key, value),) = entry.items()
+    key = key.removeprefix("override ").strip()
+    if key.startswith("/schema/"):
+        return value, None
+    return None, None  # another group placed inside this node (e.g. /layer@choices...)
+
+
+def _schema_of(group: str, option: str) -> type:
+    """The schema class a yaml file of `group` composes onto: the one its own defaults list
+    names (an `override` wins), else its parent file's, read from the files, not composed."""
+    own = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    named, parent = None, None
+    for entry in OmegaConf.to_container(own.get("defaults", [])):
+        name, base = _schema_entry(entry)
+        named = name or named
+        parent = parent or base
+    if named is not None:
+        return schema.SCHEMAS[group][named]
+    assert parent is not None, f"configs/{group}/{option}.yaml extends no schema"
+    return _schema_of(group, parent)
+
+
+def _schema_defaults(cls: type) -> dict:
+    """Each field of a schema with its default (MISSING is the string '???')."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _default_disagreements(group: str, option: str) -> list[str]:
+    cls = _schema_of(group, option)
+    # The file's own values, unresolved: an interpolation is a value that differs from a default.
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml"))
+    found = []
+    for key, default in _schema_defaults(cls).items():
+        if default == "???" or key not in own or own[key] == default:
+            continue
+        found.append(
+            f"{cls.__name__}.{key} = {default!r}, configs/{group}/{option}.yaml: {own[key]!r}"
+        )
+    return found
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in DEFAULT_GROUPS for o in _options(g)]
+)
+def test_schema_defaults_agree_with_the_yaml_files(group, option):
+    """Every default a schema gives equals the value of each yaml file (of the groups above,
+    extending that schema directly or through another file) that sets the key. Make the schema's
+    default `???` when the files differ, or the file's value when it alone sets it."""
+    assert not _default_disagreements(group, option)
+
+
+def test_the_default_check_finds_a_disagreement(monkeypatch):
+    """The check above fails on a schema default that a file contradicts (glow.yaml's dropout)."""
+    field = next(f for f in dataclasses.fields(schema.GlowSchema) if f.name == "dropout")
+    monkeypatch.setattr(field, "default", 0.123)
+    assert _default_disagreements("model", "glow") == [
+        "GlowSchema.dropout = 0.123, configs/model/glow.yaml: 0.2"
+    ]
