@@ -3,9 +3,21 @@
 # digits), the other presets on the same data, and the foundation benchmark (Glow on
 # Fashion-MNIST, 600 steps). Prints the summary line of each run; the figures in the README come
 # from this script (about 20 minutes on 2 idle cores).
-#   bash scripts/reproduce_results.sh [FASHION_MNIST_ROOT]
+#   bash scripts/reproduce_results.sh FASHION_MNIST_ROOT
+#   NFCV_DATA=FASHION_MNIST_ROOT bash scripts/reproduce_results.sh
+# FASHION_MNIST_ROOT: the folder of the four original Fashion-MNIST .gz files (or torchvision's
+# FashionMNIST/raw/ layout); the argument wins over $NFCV_DATA.
 set -euo pipefail
-fashion_root=${1:-../shared/data/fashion-mnist}
+fashion_root=${1:-${NFCV_DATA:-}}
+if [[ -z "$fashion_root" ]]; then
+  echo "reproduce_results.sh: give the Fashion-MNIST folder as the argument or in NFCV_DATA" >&2
+  echo "  usage: bash scripts/reproduce_results.sh FASHION_MNIST_ROOT" >&2
+  exit 2
+fi
+if [[ ! -d "$fashion_root" ]]; then
+  echo "reproduce_results.sh: $fashion_root (the Fashion-MNIST folder) does not exist" >&2
+  exit 2
+fi
 echo "== machine: $(nproc) cores, torch threads: $(python3 -c 'import torch; print(torch.get_num_threads())')"
 echo "== default run: nfcv-train"
 /usr/bin/time -f "wall %e s" nfcv-train trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|wall"

@@ -614,19 +614,15 @@ def test_checkpoint_and_eval_json_record_the_same_data(tmp_path, tiny):
 # -- long runs
 
 
-SHARED_FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not SHARED_FASHION.is_dir(), reason="the shared Fashion-MNIST files are absent"
-)
 def test_real_fashion_mnist_trains_end_to_end(tmp_path, tiny):
+    from test_data import fashion_mnist_root
+
     from nfcv.training.run import train
 
     overrides = tiny(
         **{
-            "data.root": str(SHARED_FASHION),
+            "data.root": str(fashion_mnist_root()),  # $NFCV_DATA, or the test skips
             "model.hidden": "32",
             "model.steps": "2",
             "trainer.max_steps": "150",
