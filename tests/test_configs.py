@@ -21,7 +21,7 @@ GROUPS = sorted(set(GROUPS))
 ROOT_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.yaml"))  # train, sample, eval, export
 # How each group is checked below; a new group fails test_every_config_file_is_covered.
 INSTANTIATED = ("model", "data", "trainer", "dequant", "optim")
-CHECKED_ELSEWHERE = ("experiment", "layer", "hydra/launcher")
+CHECKED_ELSEWHERE = ("experiment", "layer", "hydra/launcher", "callbacks", "logger")
 
 
 def _options(group: str) -> list[str]:
@@ -44,6 +44,29 @@ def test_every_layer_config_builds(option):
     layer = nfcv.build_layer(option, shape)
     assert isinstance(layer, nfcv.flows.base.Bijector)
     assert option in nfcv.layer_names()
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in ("callbacks", "logger") for o in _options(g)]
+)
+def test_every_callbacks_and_logger_option_instantiates(group, option, tmp_path):
+    """The run's callbacks and logger come from these groups: each builds what train() uses,
+    with its paths under the run folder."""
+    import lightning as L
+
+    from nfcv.training.run import run_callbacks
+
+    cfg = nfcv.compose([f"{group}={option}", f"run_dir={tmp_path}"])
+    if group == "callbacks":
+        built = run_callbacks(cfg)
+        assert len(built) == sum(v is not None for v in cfg.callbacks.values()) > 0
+        assert all(isinstance(c, L.Callback) for c in built)
+        dirs = {str(getattr(c, "dirpath", tmp_path)) for c in built}
+        assert dirs == {str(tmp_path), str(tmp_path / "checkpoints")}, dirs
+    else:
+        logger = instantiate(cfg.logger)
+        assert isinstance(logger, L.pytorch.loggers.Logger)
+        assert str(logger.save_dir) == str(tmp_path)
 
 
 @pytest.mark.parametrize("option", _options("hydra/launcher"))
