@@ -175,10 +175,34 @@ class ImageFlow(nn.Module):
         return self._probe.dtype
 
     def _check_images(self, x: Tensor) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"expected a tensor of images, got {type(x).__name__}")
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(
+                f"images must be a real tensor (integer or floating point), got dtype {x.dtype}"
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"expected images of shape (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(
+                f"got an empty batch (shape {tuple(x.shape)}): pass one image or more"
+            )
+
+    def _check_labels(self, labels: Tensor | None, batch: int) -> None:
+        if labels is None:
+            return
+        if self.class_prior is None:
+            raise ValueError(
+                "labels= given, but this model is not class-conditional (it models p(x); train "
+                "with model.conditional=true for p(x | y)): drop the labels"
+            )
+        if torch.is_tensor(labels) and tuple(labels.shape) != (batch,):
+            raise ValueError(
+                f"labels must be a ({batch},) tensor of class indices, one per image, got shape "
+                f"{tuple(labels.shape)}"
             )
 
     def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,6 +230,7 @@ class ImageFlow(nn.Module):
         blocks = torch.split(eps, self.latent_sizes, dim=1)
         out = [standard_normal_log_prob(b) for b in blocks[:-1]]
         if self.class_prior is None:
+            self._check_labels(labels, eps.shape[0])
             return [*out, standard_normal_log_prob(blocks[-1])]
         if labels is None:
             raise ValueError(
@@ -215,7 +240,17 @@ class ImageFlow(nn.Module):
 
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Continuous log-density of images in [0, 1]^D, in nats, shape (B,); ``p(x | y)`` for a
-        class-conditional model."""
+        class-conditional model. Values outside [0, 1] are refused (integer pixel values go to
+        `bits_per_dim`)."""
+        self._check_images(x)
+        self._check_labels(labels, x.shape[0])
+        lo, hi = x.min().item(), x.max().item()
+        if not 0.0 <= lo <= hi <= 1.0:  # NaN fails every comparison
+            raise ValueError(
+                f"log_prob takes images in [0, 1] (a density on [0, 1]^D), got values in "
+                f"[{lo:g}, {hi:g}]: pass images scaled to [0, 1] (integer pixel values go to "
+                "bits_per_dim)"
+            )
         eps, logdet = self.transform(x)
         if self.class_prior is None:
             return standard_normal_log_prob(eps) + logdet
@@ -234,6 +269,17 @@ class ImageFlow(nn.Module):
         Class-conditional models draw the top block from class `label`'s prior (an int for all
         n, or a (n,) tensor); without a label, image i gets class ``i % num_classes``.
         """
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n must be an integer >= 1 (images to draw), got {n!r}")
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError, RuntimeError):
+            t = math.nan
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (1: the model's distribution; 0: the "
+                f"latent's mean), got {temperature!r}"
+            )
         device, dtype = self.device, self.dtype
         eps = temperature * torch.randn(
             n, self.dim, generator=generator, device=device, dtype=dtype
@@ -265,11 +311,15 @@ class ImageFlow(nn.Module):
                 "Pass the quantised image, not a dequantised or normalised one"
             )
 
-    def check_inputs(self, x_int: Tensor, k: int = 1, check: bool = True) -> None:
-        """The checks of `bits_per_dim`: image shape, `k`, and (with `check`) pixel range."""
+    def check_inputs(
+        self, x_int: Tensor, k: int = 1, check: bool = True, labels: Tensor | None = None
+    ) -> None:
+        """The checks of `bits_per_dim`: a non-empty batch of real images of the model's shape,
+        `k`, labels only for a class-conditional model, and (with `check`) the pixel range."""
         self._check_images(x_int)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self._check_labels(labels, x_int.shape[0])
         if check:
             self.check_range(x_int)
 
@@ -315,7 +365,7 @@ class ImageFlow(nn.Module):
         `check=False` skips the pixel-range check (for data validated already). `labels`: the
         classes, for a class-conditional model (then the figure is for p(x | y)).
         """
-        self.check_inputs(x_int, k, check)
+        self.check_inputs(x_int, k, check, labels)
         b = x_int.shape[0]
         weights = torch.cat(
             [parts.total().view(m, b) for m, parts in self.log_weight_passes(x_int, k, labels)]
