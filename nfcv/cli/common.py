@@ -37,11 +37,17 @@ def device_arg(name: str) -> torch.device:
 
 
 def int_arg(cfg: DictConfig, key: str, minimum: int = 1) -> int:
-    """An integer option, with a clear error for text or values below `minimum`."""
-    try:
-        value = int(cfg[key])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key} must be an integer, got {cfg[key]!r}") from err
+    """An integer option, with a clear error for text, a fraction (``k=2.5`` is not run as
+    k=2; ``1e3`` is 1000), a boolean, or a value below `minimum`."""
+    raw = cfg[key]
+    whole = (
+        (isinstance(raw, int) and not isinstance(raw, bool))
+        or (isinstance(raw, float) and raw.is_integer())
+        or (isinstance(raw, str) and raw.strip().lstrip("+-").isdigit())
+    )
+    if not whole:
+        raise ConfigError(f"{key} must be an integer, got {key}={raw!r}")
+    value = int(raw)
     if value < minimum:
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
     return value
