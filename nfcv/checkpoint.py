@@ -20,7 +20,6 @@ config and the data record as JSON in its metadata: a format no reader executes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -36,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nfcv import __version__
 from nfcv.config import build_model
+from nfcv.data.files import atomic_path, check_output
 from nfcv.errors import CheckpointError
 from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
@@ -62,48 +62,10 @@ def hparams(cfg: Mapping[str, Any], data_info: Mapping[str, Any] | None) -> dict
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
 
-_TMP = ".{name}.tmp-{pid}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` through a fsynced temporary file and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(_TMP.format(name=path.name, pid="*")):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)  # left by a writer that was killed
-    tmp = path.parent / _TMP.format(name=path.name, pid=os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """`torch.save` to `path` through a fsynced temporary file and `os.replace` (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -278,9 +240,11 @@ def export_safetensors(
     from safetensors.torch import save_file
 
     ckpt = Path(ckpt)
+    out = Path(out) if out is not None else ckpt.with_suffix(".safetensors")
+    what = "a safetensors export"
+    check_output(out, _is_export, what)  # before the work: a folder, or a file of the user's
     loaded = load_checkpoint(ckpt, ema=ema)
     model, data_info = loaded.model, loaded.data_info
-    out = Path(out) if out is not None else ckpt.with_suffix(".safetensors")
     # safetensors refuses tensors that share memory: every entry gets its own copy.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {
@@ -291,11 +255,20 @@ def export_safetensors(
         "weights": "ema" if loaded.uses_ema else "trained",
         "source": ckpt.name,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out)  # never a half-written file under the final name
+    with atomic_path(out, _is_export, what) as tmp:  # never a half-written file under `out`
+        save_file(tensors, str(tmp), metadata=metadata)
     return out
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` is a file `export_safetensors` wrote (one it may replace)."""
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file at all
+        return False
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -34,6 +34,12 @@ class CheckpointError(NfcvError):
     """A checkpoint that is missing, unreadable or not an nfcv checkpoint."""
 
 
+class OutputError(NfcvError, OSError):
+    """A file nfcv will not or cannot write: a folder where a file goes, an existing file that
+    is not nfcv's own output, a full disk, a run folder another trainer holds. An `OSError`
+    too, so code that handles failed writes handles these."""
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn `NfcvError` into a one-paragraph message on stderr and exit status 2."""

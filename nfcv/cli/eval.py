@@ -28,6 +28,7 @@ from nfcv.cli.common import (
     ema_arg,
     int_arg,
 )
+from nfcv.data.files import atomic_path, atomic_write_text, check_output
 from nfcv.errors import ConfigError, user_errors
 from nfcv.evaluate import SplitEvaluation, evaluate_split
 from nfcv.training.runs import run_dir_of, run_label
@@ -38,18 +39,48 @@ def _default_json(ckpt: Path, split: str, data_name: str | None) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.eval-{tag}.json")
 
 
+# What nfcv-eval writes, and how it recognises its own files: it rewrites those and refuses to
+# replace anything else (a user's file given as out=).
+CSV_HEADER = ["index", "label", "bpd"]
+JSON_KEYS = ({"checkpoint", "bpd", "nfcv_version"}, {"comparison", "results"})
+EVAL_JSON = "an nfcv-eval JSON result"
+EVAL_CSV = f"an nfcv-eval per-image CSV (header {','.join(CSV_HEADER)})"
+
+
+def is_eval_json(path: Path) -> bool:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return isinstance(data, dict) and any(keys <= data.keys() for keys in JSON_KEYS)
+
+
+def is_eval_csv(path: Path) -> bool:
+    try:
+        with open(path, newline="") as f:
+            return next(csv.reader(f), None) == CSV_HEADER
+    except (OSError, ValueError, csv.Error):
+        return False
+
+
 def write_per_image_csv(path: Path, result: SplitEvaluation) -> None:
     """One row per image: index in the split, label (empty without one), bits per dim.
 
     Values are written with ``repr`` (all 17 digits), so the mean of the column is the reported
-    bits per dim to float64 rounding.
+    bits per dim to float64 rounding. Written atomically; an existing file that is not such a
+    CSV is refused.
     """
     labels = result.labels.tolist() if result.labels is not None else None
-    with open(path, "w", newline="") as f:
+    with atomic_path(path, is_eval_csv, EVAL_CSV) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "label", "bpd"])
+        writer.writerow(CSV_HEADER)
         for i, value in enumerate(result.bpd.tolist()):
             writer.writerow([i, "" if labels is None else labels[i], repr(value)])
+
+
+def write_json(path: Path, record: dict) -> None:
+    """`record` as JSON, atomically; an existing file that is not nfcv-eval's is refused."""
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n", is_eval_json, EVAL_JSON)
 
 
 def format_breakdown(rows: list[dict], total: float) -> str:
@@ -179,18 +210,27 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"unknown split={cfg.split!r}: use train, val or test")
     data_name = cfg.data.get("name") if cfg.get("data") is not None else None
     labels = [f"{run_label(run_dir_of(c))} [{c.stem}]" for c in ckpts]
+    outs = [_default_json(ckpt, cfg.split, data_name) for ckpt in ckpts]
+    if len(ckpts) == 1 and cfg.out:
+        outs = [Path(cfg.out)]
+    tag = f"{data_name}-{cfg.split}" if data_name else cfg.split
+    comparison = Path(cfg.out) if cfg.out else Path(f"nfcv-eval-{tag}-comparison.json")
+    # Every file to be written is checked before any evaluation: a folder, or a file that is
+    # not an earlier result of nfcv-eval, fails now rather than after an hour of evaluating.
+    for out in outs:
+        check_output(out, is_eval_json, EVAL_JSON)
+        if cfg.per_image:
+            check_output(out.with_suffix(".csv"), is_eval_csv, EVAL_CSV)
+    if len(ckpts) > 1:
+        check_output(comparison, is_eval_json, EVAL_JSON)
     records, results = [], []
-    for ckpt, label in zip(ckpts, labels, strict=True):
+    for ckpt, label, out in zip(ckpts, labels, outs, strict=True):
         record, result = evaluate_checkpoint(cfg, ckpt, label)
-        out = _default_json(ckpt, cfg.split, data_name)
-        if len(ckpts) == 1 and cfg.out:
-            out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if cfg.per_image:
             csv_path = out.with_suffix(".csv")
             write_per_image_csv(csv_path, result)
             record["per_image_csv"] = str(csv_path)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out, record)
         records.append(record)
         results.append(result)
         weights = "EMA weights" if record["ema"] else "weights"
@@ -205,11 +245,8 @@ def evaluate(cfg: DictConfig) -> dict:
         return records[0]
     rows = comparison_table(records, results)
     summary = {"split": cfg.split, "k": records[0]["k"], "comparison": rows, "results": records}
-    tag = f"{data_name}-{cfg.split}" if data_name else cfg.split
-    out = Path(cfg.out) if cfg.out else Path(f"nfcv-eval-{tag}-comparison.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nnfcv: {len(ckpts)} checkpoints\n{format_comparison(rows)}\n  json: {out}")
+    write_json(comparison, summary)
+    print(f"\nnfcv: {len(ckpts)} checkpoints\n{format_comparison(rows)}\n  json: {comparison}")
     return summary
 
 

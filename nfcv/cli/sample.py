@@ -24,6 +24,7 @@ from nfcv.cli.common import (
     ema_arg,
     int_arg,
 )
+from nfcv.data.files import atomic_path, check_output
 from nfcv.errors import ConfigError, user_errors
 from nfcv.grid import (
     PATHS,
@@ -89,6 +90,24 @@ def _label(cfg: DictConfig, model: ImageFlow) -> int | None:
     return label
 
 
+NPZ_KEYS = {"images", "images_float", "temperature", "num_bins"}
+NPZ = "an nfcv-sample npz"
+
+
+def _is_samples_npz(path: Path) -> bool:
+    """Whether `path` is an npz that nfcv-sample wrote (one it may replace)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return set(f.files) >= NPZ_KEYS
+    except Exception:  # not an npz at all
+        return False
+
+
+def _save_grid(grid: torch.Tensor, out: Path) -> None:
+    with atomic_path(out) as tmp:  # the suffix of `out`, which gives the format
+        save_image(grid, tmp)
+
+
 def _default_out(ckpt: Path, mode: str) -> Path:
     suffix = {"grid": ".png", "npz": ".npz"}.get(mode, f".{mode}.png")
     return ckpt.parent.parent / "samples" / f"{ckpt.stem}{suffix}"
@@ -115,17 +134,17 @@ def sample(cfg: DictConfig) -> Path:
     loaded = load_checkpoint(ckpt, map_location=device_arg(cfg.device), ema=ema_arg(cfg))
     model = loaded.model
     out = Path(cfg.out) if cfg.out else _default_out(ckpt, mode)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, _is_samples_npz if mode == "npz" else None, NPZ)  # before the work
     weights = " (EMA weights)" if loaded.uses_ema else ""
 
     if mode == "grid":
         label = _label(cfg, model)
-        save_image(sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label), out)
+        _save_grid(sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label), out)
         print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
     elif mode == "interpolate":
         x = _real_images(cfg, loaded, index)
         grid, error = interpolation_grid(model, x, steps=steps, path=path)
-        save_image(grid, out)
+        _save_grid(grid, out)
         print(
             f"nfcv: {path} interpolation through {cfg.split} images {index}, {steps} per "
             f"segment{weights}; endpoints decode to the images to max abs error {error:.2e} "
@@ -134,7 +153,7 @@ def sample(cfg: DictConfig) -> Path:
     elif mode == "reconstruct":
         x = _real_images(cfg, loaded, list(range(n)))
         grid, error = reconstruction_grid(model, x, nrow=nrow)
-        save_image(grid, out)
+        _save_grid(grid, out)
         print(
             f"nfcv: {n} {cfg.split} images (rows) above decode(encode(x)){weights}: max abs "
             f"error {error:.2e} -> {out}"
@@ -142,13 +161,16 @@ def sample(cfg: DictConfig) -> Path:
     else:
         images, temperature = draw_samples(model, temps, n, batch_size=batch_size, seed=seed)
         levels = quantise(model, images)
-        np.savez_compressed(
-            out,
-            images=levels.numpy().astype(np.uint8 if model.num_bins <= 256 else np.uint16),
-            images_float=images.float().numpy(),
-            temperature=temperature.float().numpy(),
-            num_bins=np.int64(model.num_bins),
-        )
+        # Through a temporary file (a full disk leaves no truncated .npz), written as a file
+        # object: the name is `out` as given, without the .npz that np.savez would append.
+        with atomic_path(out, _is_samples_npz, NPZ) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                images=levels.numpy().astype(np.uint8 if model.num_bins <= 256 else np.uint16),
+                images_float=images.float().numpy(),
+                temperature=temperature.float().numpy(),
+                num_bins=np.int64(model.num_bins),
+            )
         print(
             f"nfcv: {len(images)} samples ({n} per temperature {temps}){weights}, "
             f"shape {tuple(images.shape)}, levels 0..{model.num_bins - 1} -> {out}"

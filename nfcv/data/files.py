@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nfcv.errors import DataError
+from nfcv.errors import DataError, OutputError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -24,6 +27,122 @@ LIST_FILES_UP_TO = 20  # describe() lists each file's sha256 up to this many fil
 def default_cache() -> Path:
     """``$NFCV_CACHE``, else ``~/.cache/nfcv``: staged, converted and checksum files."""
     return Path(os.environ.get("NFCV_CACHE", Path.home() / ".cache" / "nfcv")).expanduser()
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: every file nfcv writes (checkpoints, exports, samples, eval results, status,
+# caches) goes through `atomic_path`. (Here, in the lowest layer that reads and writes files, so
+# that data/, checkpoint.py, training/ and cli/ share one writer.)
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """Where `atomic_path` writes `path` first: a hidden file in the same folder (so the rename
+    stays on one file system) that keeps the suffix (writers that pick the format from it, e.g.
+    ``save_image``, and ``np.savez``, which appends ``.npz`` otherwise, see the real one), named
+    after the writer's process and host."""
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.name}.tmp-{pid}-{_HOST}{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of `path` left by writers on this host that were killed."""
+    for stale in path.parent.glob(glob.escape(f".{path.name}.tmp-") + "*"):
+        pid = stale.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]
+        if (
+            pid.isdigit()
+            and int(pid) != os.getpid()
+            and stale == temporary_path(path, int(pid))  # ours, of this host
+            and not _alive(int(pid))
+        ):
+            stale.unlink(missing_ok=True)
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush file `path` to disk; a folder: the renames in it (a no-op where folders cannot be
+    opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not directory:
+            raise
+
+
+def check_output(
+    path: Path, ours: Callable[[Path], bool] | None = None, what: str = "a file"
+) -> None:
+    """Refuse (`OutputError`) to write `path` where it is a folder, or, given `ours`, an existing
+    file for which ``ours(path)`` is false: not `what` written by nfcv."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(
+            f"{path} is a folder: pass the path of a file to write (e.g. {path / 'NAME'})"
+        )
+    if ours is not None and path.exists() and not ours(path):
+        raise OutputError(
+            f"refusing to overwrite {path}: it is not {what} written by nfcv. Pass another "
+            "out=, or delete the file if you do not need it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike, ours: Callable[[Path], bool] | None = None, what: str = "a file"
+) -> Iterator[Path]:
+    """``with atomic_path(path) as tmp:`` write the file `tmp`; when the block ends without an
+    error, `tmp` is fsynced and renamed over `path` with `os.replace` (a reader sees the old file
+    or the new one, never a part); on any error (a full disk, a kill by an exception) it is
+    removed and `path` is left as it was. A failed write (`OSError`) is an `OutputError` naming
+    `path`. Temporary files of killed writers are removed first. `check_output` runs first
+    (`ours`, `what`).
+    """
+    path = Path(path)
+    check_output(path, ours, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err}") from err
+    _remove_stale(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(f"cannot write {path}: {err}") from err
+        raise
+    _fsync(path.parent, directory=True)
+
+
+def atomic_write_text(
+    path: str | os.PathLike,
+    text: str,
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "a file",
+) -> Path:
+    """Write `text` to `path` through `atomic_path`; returns `path`."""
+    path = Path(path)
+    with atomic_path(path, ours, what) as tmp:
+        tmp.write_text(text)
+    return path
+
 
 # ---------------------------------------------------------------------------------------------
 # File checks and checksums, computed once and cached
@@ -58,14 +177,10 @@ def _load_cache(directory: Path) -> dict[str, dict]:
 
 
 def _save_cache(directory: Path, entries: dict[str, dict]) -> None:
-    path = _cache_path(directory)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"dir": str(directory), "files": entries}))
-        tmp.replace(path)  # atomic: concurrent runs never see half a file
-    except OSError:
-        pass  # a read-only cache only costs recomputing next time
+    # Atomic: concurrent runs never see half a file; a read-only cache only costs recomputing.
+    record = {"dir": str(directory), "files": entries}
+    with contextlib.suppress(OSError):
+        atomic_write_text(_cache_path(directory), json.dumps(record))
 
 
 def _inspect(path: Path, digest: bool) -> dict:

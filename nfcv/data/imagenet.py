@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 
 from nfcv.data.base import LocalDataModule
-from nfcv.data.files import default_cache
+from nfcv.data.files import atomic_path, atomic_write_text, default_cache
 from nfcv.data.images import ImageSource, NpyImages
 from nfcv.errors import DataError
 
@@ -91,8 +90,8 @@ class ImageNetDataModule(LocalDataModule):
         try:
             out.mkdir(parents=True, exist_ok=True)
             counts = {s: self._convert(files, *done[s]) for s, files in splits.items()}
-            (out / "manifest.json").write_text(
-                json.dumps({"counts": counts, "root": str(self.data_dir)})
+            atomic_write_text(
+                out / "manifest.json", json.dumps({"counts": counts, "root": str(self.data_dir)})
             )
         except OSError as err:
             raise DataError(
@@ -124,12 +123,13 @@ class ImageNetDataModule(LocalDataModule):
                 )
             headers.append(shape[0])
         total = sum(headers)
-        tmp_images = images_out.with_name(f"{images_out.name}.{os.getpid()}.tmp")
         labels = np.empty(total, dtype=np.int64)
         pos = 0
         # Plain writes of a few MB at a time: neither the batches nor the output are ever whole
         # in memory (writing through a memory map would keep its dirty pages resident).
-        with open(tmp_images, "wb") as dst:
+        # Through temporary files (`atomic_path`): a failed conversion (a damaged batch, a full
+        # disk) removes its partial copy, which can be many GB.
+        with atomic_path(images_out) as tmp_images, open(tmp_images, "wb") as dst:
             header = {"descr": "|u1", "fortran_order": False, "shape": (total, c, h, w)}
             np.lib.format.write_array_header_1_0(dst, header)
             for path, n in zip(files, headers, strict=True):
@@ -147,23 +147,19 @@ class ImageNetDataModule(LocalDataModule):
                         with zf.open("labels.npy") as lf:
                             y = np.load(lf, allow_pickle=False)
                 except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as err:
-                    tmp_images.unlink(missing_ok=True)
                     raise DataError(
                         f"cannot read {path} ({type(err).__name__}: {err}): the file is "
                         "truncated or corrupt"
                     ) from err
                 y = np.asarray(y).reshape(-1)
                 if len(y) != n or (n and (y.min() < 1 or y.max() > 1000)):
-                    tmp_images.unlink(missing_ok=True)
                     raise DataError(
                         f"{path}: {len(y)} labels for {n} images, or labels outside 1..1000"
                     )
                 labels[pos : pos + n] = y - 1  # 1-based in the files
                 pos += n
-        tmp_labels = labels_out.with_name(f"{labels_out.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp_labels, labels)
-        tmp_labels.replace(labels_out)
-        tmp_images.replace(images_out)
+        with atomic_path(labels_out) as tmp_labels, open(tmp_labels, "wb") as f:
+            np.save(f, labels)
         return total
 
     def load_split(self, split: str) -> ImageSource:

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from nfcv.data.files import atomic_write_text
+
 STATUS_FILE = "status.json"
 COLUMNS = ("job", "overrides", "status", "best_val_bpd", "test_bpd", "steps", "seconds", "log")
 
@@ -70,11 +72,7 @@ def write_status(
             record[key] = None if isinstance(value, float) and math.isnan(value) else value
     if error is not None:
         record["error"] = f"{type(error).__name__}: {error}"
-    path = run_dir / STATUS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(run_dir / STATUS_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def collect(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
