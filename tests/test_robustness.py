@@ -12,20 +12,53 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 import nfcv
-from nfcv.errors import NfcvError
+from nfcv.errors import DataError, NfcvError
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:
     """Files in `folder` other than `keep` (temporary files a writer failed to remove)."""
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Staged MNIST-family .gz files follow the content
+
+
+def test_staged_gz_follows_the_content_not_the_mtime(tmp_path, monkeypatch):
+    from test_data import write_idx, write_mnist_like
+
+    monkeypatch.setenv("NFCV_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "fashion"
+    write_mnist_like(root, n_train=6, n_test=3, gz=True)
+    overrides = ["data=fashion_mnist", f"data.root={root}", "data.val_size=2"]
+    first = instantiate(nfcv.compose(overrides).data)
+    first.setup("test")  # stages the four files
+
+    # New content, modification time older than the staged copy: it must be staged again.
+    test_gz = root / "t10k-images-idx3-ubyte.gz"
+    new = np.random.default_rng(1).integers(0, 256, (3, 28, 28))
+    write_idx(test_gz, new)
+    os.utime(test_gz, (1_000_000, 1_000_000))
+    dm = instantiate(nfcv.compose(overrides).data)
+    np.testing.assert_array_equal(dm.split("test").images[:, 0].numpy(), new)
+
+    # A truncated file, older than the staged copy: an error naming it, not the stale copy.
+    train_gz = root / "train-images-idx3-ubyte.gz"
+    train_gz.write_bytes(train_gz.read_bytes()[:-40])
+    os.utime(train_gz, (1_000_000, 1_000_000))
+    dm = instantiate(nfcv.compose(overrides).data)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz.*truncated"):
+        dm.setup("fit")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import math
-import os
-import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from nfcv.data.base import LocalDataModule, torchvision_datasets
-from nfcv.data.files import default_cache
-from nfcv.errors import DataError
+from nfcv.data.files import atomic_path, atomic_write_text, check_files, default_cache
+from nfcv.errors import DataError, OutputError
 
 # -- MNIST and Fashion-MNIST: IDX files
 
@@ -49,6 +49,18 @@ def _check_idx(path: Path, shown: Path, ndim: int) -> int:
             "is truncated or corrupt"
         )
     return dims[0]
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The content of `path`, uncompressed if it is a ``.gz``; a `DataError` naming it if it
+    cannot be read (a truncated or corrupt file)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as src:
+            while chunk := src.read(1 << 20):
+                yield chunk
+    except (OSError, EOFError) as err:
+        raise DataError(f"cannot read {path}: {err}; the file is truncated or corrupt") from err
 
 
 class _MNISTLike(LocalDataModule):
@@ -110,25 +122,35 @@ class _MNISTLike(LocalDataModule):
         return self._located()[1]
 
     def _stage(self, files: list[Path]) -> Path:
+        """Uncompress (or copy) `files` into torchvision's layout under ``$NFCV_CACHE/staged``.
+
+        Each staged file keeps beside it the size and sha256 of the source it was made from
+        (``NAME.source.json``) and is made again when the source's differ, whatever the
+        modification times say: training reads the content the run records. The digests are
+        `check_files`'s, computed once per version of a file and cached.
+        """
         key = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:12]
         staged = default_cache() / "staged" / key
         raw = staged / self.tv_name / "raw"
-        raw.mkdir(parents=True, exist_ok=True)
-        for f in files:
+        for f, record in zip(files, check_files(files), strict=True):
             target = raw / f.name.removesuffix(".gz")
-            if target.is_file() and target.stat().st_mtime >= f.stat().st_mtime:
-                continue
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            opener = gzip.open if f.suffix == ".gz" else open
+            source = {"source": str(f.resolve()), "size": record.size, "sha256": record.sha256}
+            made_from = target.with_name(f"{target.name}.source.json")
             try:
-                with opener(f, "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            except (OSError, EOFError) as err:
-                tmp.unlink(missing_ok=True)
+                if target.is_file() and json.loads(made_from.read_text()) == source:
+                    continue
+            except (OSError, ValueError):
+                pass  # not staged yet, or by an older nfcv that kept no record: stage it
+            try:
+                with atomic_path(target) as tmp, open(tmp, "wb") as dst:
+                    for chunk in _chunks(f):
+                        dst.write(chunk)
+                atomic_write_text(made_from, json.dumps(source))
+            except OutputError as err:  # writing the staged copy
                 raise DataError(
-                    f"cannot read {f}: {err}; the file is truncated or corrupt"
+                    f"cannot stage {f} into {raw} ({err}): set NFCV_CACHE to a writable folder "
+                    "with room for the uncompressed files"
                 ) from err
-            tmp.replace(target)
         return staged
 
     def _check_split(self, prefix: str) -> None:
