@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from hydra.utils import instantiate
 
 import nfcv
-from nfcv.errors import DataError, NfcvError
+from nfcv.errors import ConfigError, DataError, NfcvError
 
 
 def _leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -59,6 +63,174 @@ def test_staged_gz_follows_the_content_not_the_mtime(tmp_path, monkeypatch):
     dm = instantiate(nfcv.compose(overrides).data)
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz.*truncated"):
         dm.setup("fit")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One trainer per run folder
+
+
+class _SecondTrainer(L.Callback):
+    """Starts ``nfcv-train`` on the same run folder while this one trains (once)."""
+
+    def __init__(self, run_dir: Path, overrides: list[str]):
+        self.run_dir, self.overrides, self.proc = run_dir, overrides, None
+        self.before: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.proc is None and trainer.global_step >= 3:  # after the checkpoint at 2
+            from test_cli import run
+
+            ckpts = self.run_dir / "checkpoints"
+            self.before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+            self.proc = run(
+                "nfcv-train",
+                *self.overrides,
+                f"hydra.run.dir={self.run_dir}",
+                "resume=auto",
+                cwd=self.run_dir.parent,
+                check=False,
+            )
+            self.after = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+
+
+def test_a_second_trainer_in_a_held_run_folder_is_refused(tmp_path, tiny):
+    from nfcv.training.run import train
+
+    run_dir = tmp_path / "run"
+    overrides = tiny(**{"trainer.max_steps": "6"})
+    second = _SecondTrainer(run_dir, overrides)
+    summary = train(nfcv.compose(overrides), run_dir=run_dir, callbacks=[second])
+    proc = second.proc
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text, text
+    for needle in (str(run_dir), f"pid {os.getpid()}", socket.gethostname()):
+        assert needle in text, f"{needle!r} not in:\n{text}"
+    assert second.after == second.before  # the refused trainer wrote no checkpoint
+    assert summary["steps"] == 6
+    # Released when train() returns: the folder can be continued.
+    from nfcv.training.lock import hold_run_folder
+
+    with hold_run_folder(run_dir):
+        pass
+
+
+def test_the_lock_is_released_by_a_dead_holder_and_not_taken_by_other_ranks(
+    tmp_path, monkeypatch
+):
+    from nfcv.errors import OutputError
+    from nfcv.training.lock import LOCK_FILE, hold_run_folder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # A previous holder killed (a requeued job): flock died with it, its record is stale.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(run_dir / LOCK_FILE)!r}, 'a')\n"
+            "fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write('pid 999999 on nowhere'); f.flush(); print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="pid 999999 on nowhere"), hold_run_folder(run_dir):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with hold_run_folder(run_dir):
+        record = (run_dir / LOCK_FILE).read_text()
+        assert f"pid {os.getpid()}" in record and socket.gethostname() in record
+        # Lightning's DDP launcher starts this script again for the other ranks: they run in the
+        # folder rank 0 holds, and must not try to take it.
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with hold_run_folder(run_dir):
+            pass
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(OutputError, match=f"pid {os.getpid()}"), hold_run_folder(run_dir):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. and 5. What resume finds in checkpoints/
+
+
+@pytest.mark.parametrize("resume", ["auto", True, None])
+def test_last_ckpt_that_is_a_folder_is_refused_at_start(tmp_path, resume):
+    from nfcv.training.resume import resume_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(ConfigError, match=r"last\.ckpt is a folder.*Remove or rename it"):
+        resume_checkpoint(tmp_path / "run", resume, None)
+    assert (folder / "mine.txt").read_text() == "keep"
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the tiny run's folder, to damage."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["run_dir"], run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_resume_auto_on_a_damaged_last_ckpt_falls_back_to_the_newest_good_one(
+    run_copy, damage, caplog
+):
+    from nfcv.training.resume import resume_checkpoint
+
+    ckpts = run_copy / "checkpoints"
+    last = ckpts / "last.ckpt"
+    data = last.read_bytes()
+    bad = data[: len(data) // 2] if damage == "truncated" else b""
+    last.write_bytes(bad)
+    best = sorted(ckpts.glob("best-step*.ckpt"))[-1]
+    with caplog.at_level("WARNING", logger="nfcv"):
+        chosen = resume_checkpoint(run_copy, "auto", None)
+    assert chosen == str(best)
+    aside = list(ckpts.glob("last.ckpt.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == bad  # nothing lost
+    assert not last.exists()
+    text = caplog.text
+    for needle in (str(last), "cannot be read", str(aside[0]), f"continuing from {best}"):
+        assert needle in text, f"{needle!r} not in:\n{text}"
+
+
+def test_resume_auto_trains_on_from_the_fallback(run_copy, tiny):
+    from nfcv.training.run import train
+
+    last = run_copy / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    summary = train(
+        nfcv.compose(tiny(**{"trainer.max_steps": "6", "resume": "auto"})), run_dir=run_copy
+    )
+    assert summary["steps"] == 6
+    assert len(list(last.parent.glob("last.ckpt.corrupt-*"))) == 1
+    nfcv.load(last)  # the new last.ckpt is whole
+
+
+def test_resume_auto_without_a_good_checkpoint_is_a_clear_error(run_copy):
+    from nfcv.training.resume import resume_checkpoint
+
+    ckpts = run_copy / "checkpoints"
+    for path in ckpts.glob("*.ckpt"):
+        path.write_bytes(path.read_bytes()[:100])
+    (run_copy / "hpc_ckpt_3.ckpt").write_bytes(b"")
+    before = sorted(p.name for p in ckpts.iterdir())
+    with pytest.raises(NfcvError, match=r"no readable checkpoint") as err:
+        resume_checkpoint(run_copy, "auto", None)
+    message = str(err.value)
+    for name in ("last.ckpt", "hpc_ckpt_3.ckpt", "best-step"):
+        assert name in message
+    assert sorted(p.name for p in ckpts.iterdir()) == before  # nothing moved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,11 @@ of the batch in progress; ``nfcv-train ... resume=auto`` continues from it.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nfcv.data.samplers import ResumableShuffle
-from nfcv.errors import ConfigError
+from nfcv.errors import CheckpointError, ConfigError
+from nfcv.training.lock import is_rank_zero
+
+log = logging.getLogger("nfcv")
 
 # Checked in this order by `resume=auto`: our own checkpoints, then Lightning's SLURM
 # auto-requeue ones (hpc_ckpt_N.ckpt in the run folder).
@@ -139,37 +146,123 @@ class Preemption(L.Callback):
             trainer.save_checkpoint(self.ckpt_dir / LAST)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (None if it looks whole): empty, truncated (its zip
+    directory, at the end of the file, is missing) or damaged (a member fails its CRC). Reads
+    the file once, without unpickling it (Lightning loads it next, from the page cache)."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+        with zipfile.ZipFile(path) as zf:
+            if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                return "not a PyTorch checkpoint (no data.pkl)"
+            bad = zf.testzip()
+    except zipfile.BadZipFile:
+        return "truncated or not a PyTorch checkpoint (no zip directory at its end)"
+    except (OSError, EOFError, ValueError, RuntimeError) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    return f"damaged (member {bad} fails its CRC)" if bad is not None else None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a checkpoint that cannot be read to ``NAME.corrupt-<time>`` beside it: kept for
+    inspection, out of the way of the next save (which would replace it) and of ``*.ckpt``."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = aside.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{n}")
+        n += 1
+    os.replace(path, aside)
+    return aside
+
+
+def _by_mtime(paths: Any) -> list[Path]:
+    return sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _newest_good(run_dir: Path, request: str) -> str:
+    """The newest checkpoint of `run_dir` that can be read: ``last.ckpt`` and Lightning's
+    ``hpc_ckpt_*.ckpt`` by modification time, then the other checkpoints of the folder
+    (``best-step*.ckpt``). Those that cannot be read and are newer than it are renamed aside
+    (`_set_aside`), said in the log; none readable: a `CheckpointError` naming each, nothing
+    moved."""
+    ckpts = run_dir / "checkpoints"
+    first = _by_mtime([ckpts / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")])
+    others = _by_mtime(p for p in ckpts.glob("*.ckpt") if p not in first)
+    bad: list[tuple[Path, str]] = []
+    for path in [*first, *others]:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            break
+        bad.append((path, problem))
+    else:
+        listed = "; ".join(f"{p} ({why})" for p, why in bad)
+        raise CheckpointError(
+            f"{request}: no readable checkpoint in {run_dir}: {listed}. Nothing was moved. To "
+            "start this run again from scratch, move these files away (or train in another "
+            "folder); to continue from another file, pass ckpt_path=PATH"
+        )
+    for damaged, problem in bad:
+        aside = _set_aside(damaged) if is_rank_zero() else damaged  # other ranks: rank 0 does
+        log.warning(
+            "nfcv: %s: %s cannot be read: %s; moved it aside to %s (kept, not deleted) and "
+            "continuing from %s, the newest checkpoint that can be read",
+            request,
+            damaged,
+            problem,
+            aside,
+            path,
+        )
+    return str(path)
+
+
 def resume_checkpoint(run_dir: Path, resume: Any, ckpt_path: Any) -> str | None:
     """The checkpoint `nfcv-train` continues from, or None for a fresh run.
 
-    - ``ckpt_path=PATH``: that file. ``ckpt_path=last`` (or ``resume=true``): this run folder's
-      ``checkpoints/last.ckpt``, an error if it has none.
+    - ``ckpt_path=PATH``: that file (a `CheckpointError` if it cannot be read). ``ckpt_path=last``
+      (or ``resume=true``): this run folder's newest checkpoint, an error if it has none.
     - ``resume=auto``: the newest of ``checkpoints/last.ckpt`` and Lightning's SLURM
       ``hpc_ckpt_*.ckpt`` if there is one, else a fresh start (said in the log): what a job that
       may be requeued should pass.
+
+    A newest checkpoint that cannot be read (truncated, empty: a copy cut short, a full disk) is
+    renamed aside to ``NAME.corrupt-<time>`` and the run continues from the newest one that can
+    be, ``best-step*.ckpt`` included, said in the log (`_newest_good`). A folder named
+    ``checkpoints/last.ckpt`` is refused before anything runs: the first save would fail on it.
     """
     if resume not in (None, False, True, "auto"):
         raise ConfigError(f"resume must be auto, true or false, got {resume!r}")
-    candidates = [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")]
-    existing = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime)
+    last = run_dir / "checkpoints" / LAST
+    if last.exists() and not last.is_file():
+        raise ConfigError(
+            f"{last} is a folder, not a checkpoint file: nfcv-train saves its latest state "
+            "there and would fail after training. Remove or rename it (or train in another "
+            "folder)"
+        )
+    candidates = [last, *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
     if ckpt_path not in (None, "last"):
         path = Path(str(ckpt_path))
         if not path.is_file():
             raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"ckpt_path={ckpt_path}: cannot resume from {path}: {problem}")
         return str(path)
     if ckpt_path == "last" or resume is True:
         if not existing:
             raise ConfigError(
-                f"nothing to resume: {run_dir / 'checkpoints' / LAST} does not exist. Pass the "
+                f"nothing to resume: {last} does not exist. Pass the "
                 "run folder of the run to continue (hydra.run.dir=...), or resume=auto to start "
                 "fresh when there is no checkpoint"
             )
-        return str(existing[-1])
+        return _newest_good(run_dir, "ckpt_path=last" if ckpt_path == "last" else "resume=true")
     if resume == "auto":
-        return str(existing[-1]) if existing else None
+        return _newest_good(run_dir, "resume=auto") if existing else None
     if existing:
+        newest = max(existing, key=lambda p: p.stat().st_mtime)
         raise ConfigError(
-            f"{run_dir} already holds a run ({existing[-1].name}); continue it with resume=auto "
+            f"{run_dir} already holds a run ({newest.name}); continue it with resume=auto "
             "(or ckpt_path=last), or choose a new folder"
         )
     return None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -19,12 +20,14 @@ from torchvision.utils import save_image
 
 from nfcv.checkpoint import AtomicCheckpointIO
 from nfcv.config import resolve
-from nfcv.errors import ConfigError
+from nfcv.data.files import atomic_path
+from nfcv.errors import ConfigError, NfcvError
 from nfcv.grid import sample_grid
 from nfcv.schema import check_keys
 from nfcv.training.callbacks import (
     TrainSpeed,
 )
+from nfcv.training.lock import hold_run_folder
 from nfcv.training.module import FlowModule
 from nfcv.training.resume import resume_checkpoint
 from nfcv.training.sweep import write_status
@@ -54,13 +57,28 @@ def run_dir_now() -> Path:
     return Path("outputs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def build(node: DictConfig, **kwargs):
+    """`instantiate`, with the `NfcvError` a constructor raised (e.g. a data module refusing
+    data.num_bits=9) passed on as itself rather than inside Hydra's `InstantiationException`,
+    so the command prints its one-line message."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, NfcvError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def run_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The callbacks of the config's ``callbacks`` group, in order, skipping null entries."""
     built = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
             continue
-        callback = instantiate(node)
+        callback = build(node)
         if not isinstance(callback, L.Callback):
             raise ConfigError(
                 f"callbacks.{name} must build a Lightning Callback, got {type(callback).__name__}"
@@ -86,6 +104,12 @@ def train(
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)  # what ${run_dir} in the callbacks and logger configs reads
     run_dir.mkdir(parents=True, exist_ok=True)
+    # One trainer per run folder, for the whole run (a second is refused, naming this one).
+    with hold_run_folder(run_dir):
+        return _train(cfg, run_dir, callbacks)
+
+
+def _train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback]) -> dict:
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
@@ -97,7 +121,7 @@ def train(
         log.info("resume=auto: continuing from %s", resume_from) if resume_from else log.info(
             "resume=auto: no checkpoint in %s, starting", run_dir
         )
-    datamodule = instantiate(cfg.data)
+    datamodule = build(cfg.data)
     datamodule.setup("fit")  # fail on missing or mismatched data before building anything else
     # The test split too: its files are checked before training rather than after it, and the
     # checkpoint's data record gives the size of every split.
@@ -115,14 +139,14 @@ def train(
     module = FlowModule(plain_cfg, data_info=datamodule.describe())
 
     ckpt_dir = run_dir / "checkpoints"
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build(cfg.logger) if cfg.get("logger") else False
     built = run_callbacks(cfg)
     checkpoint = next(
         (c for c in built if isinstance(c, ModelCheckpoint) and c.monitor is not None), None
     )
     speed = next((c for c in built if isinstance(c, TrainSpeed)), None)
     callbacks = [*built, *callbacks]
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = build(
         cfg.trainer,
         logger=logger,
         callbacks=callbacks,
@@ -165,7 +189,8 @@ def train(
     samples_path = run_dir / "samples.png"
     if trainer.is_global_zero:
         grid = sample_grid(module.eval_model(), cfg.sample.temperatures, cfg.sample.per_row)
-        save_image(grid, samples_path)
+        with atomic_path(samples_path) as tmp:
+            save_image(grid, tmp)
     summary = {
         "test_bpd": test_bpd,
         "best_val_bpd": float(best_score) if best_score is not None else math.nan,
