@@ -35,6 +35,33 @@ def _leftovers(folder: Path, keep: set[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# 1. data.num_bits outside 1..8
+
+
+@pytest.mark.parametrize("bits", [9, 0])
+def test_num_bits_outside_1_to_8_is_refused_by_every_data_module(tmp_path, bits):
+    from nfcv.data import FolderDataModule, MNISTDataModule
+    from nfcv.data.images import IndexedImages
+
+    # A folder of images is read on demand (IndexedImages): it used to shift by 8 - num_bits,
+    # i.e. by -1, and train on all-zero images.
+    for cls in (FolderDataModule, MNISTDataModule):
+        with pytest.raises(DataError, match=rf"data\.num_bits={bits}\b.*1\.\.8"):
+            cls(root=str(tmp_path), image_shape=[3, 8, 8], num_bins=2**bits, num_bits=bits)
+    # Through a config, as train() builds it: the DataError itself, not Hydra's wrapper. (The
+    # value set after composing: compose checks data.num_bits too, a config built in Python
+    # or read from elsewhere is not composed.)
+    from nfcv.training.run import build
+
+    cfg = nfcv.compose(["data=folder", f"data.root={tmp_path}"])
+    cfg.data.num_bits = bits
+    with pytest.raises(DataError, match=rf"data\.num_bits={bits}\b.*1\.\.8"):
+        build(cfg.data)
+    with pytest.raises(DataError, match="1..8"):
+        IndexedImages(source=None, num_bits=bits)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
 # 2. Staged MNIST-family .gz files follow the content
 
 

@@ -20,6 +20,7 @@ from nfcv.data.images import (
     ImageTensorDataset,
     IndexedImages,
     Split,
+    check_num_bits,
     reduce_bits,
 )
 from nfcv.data.samplers import ResumableShuffle, ShardedSequential
@@ -64,7 +65,9 @@ class ImageDataModule(L.LightningDataModule):
         self.split_seed = int(split_seed)
         self.num_workers = int(num_workers)
         self.hflip = bool(hflip)
-        self.num_bits = None if num_bits is None else int(num_bits)
+        # Checked here, for every dataset: data read on demand (IndexedImages) is never range
+        # checked pixel by pixel, and a shift by 8 - 9 made every image zero.
+        self.num_bits = None if num_bits is None else check_num_bits(num_bits)
         self.checksum = bool(checksum)
         # The training order is drawn from (shuffle_seed, epoch); None: torch's initial seed.
         self.shuffle_seed = None if shuffle_seed is None else int(shuffle_seed)

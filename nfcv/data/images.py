@@ -17,11 +17,30 @@ from torch.utils.data import Dataset
 from nfcv.errors import DataError
 
 
+def check_num_bits(num_bits) -> int:
+    """`num_bits` as an int in 1..8 (the bits kept of 8-bit images), else a `DataError`."""
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, float, str)):
+        bits = None
+    else:
+        try:
+            bits = int(num_bits)
+        except ValueError:
+            bits = None
+        if bits is not None and bits != float(num_bits):
+            bits = None  # 5.5
+    if bits is None or not 1 <= bits <= 8:
+        raise DataError(
+            f"data.num_bits={num_bits} is outside 1..8: images are 8-bit and num_bits is how "
+            "many of their bits are kept (x >> (8 - num_bits)); e.g. data.num_bits=5 for "
+            "Glow's 5-bit CelebA-HQ"
+        )
+    return bits
+
+
 def reduce_bits(images: Tensor, num_bits: int) -> Tensor:
     """8-bit images to `num_bits` bits by dropping low bits, ``x >> (8 - num_bits)``
     (Glow's 5-bit CelebA-HQ)."""
-    if not 1 <= num_bits <= 8:
-        raise DataError(f"data.num_bits must be in 1..8, got {num_bits}")
+    num_bits = check_num_bits(num_bits)
     return images >> (8 - num_bits) if num_bits < 8 else images
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +266,7 @@ class IndexedImages(Dataset):
     ):
         self.source = source
         self.indices = indices
-        self.shift = 8 - int(num_bits)
+        self.shift = 8 - check_num_bits(num_bits)
         self.hflip = hflip
         self.labels = source.labels if indices is None else source.labels[indices]
 
