@@ -100,8 +100,15 @@ def _val_check_interval(v: Any, cfg: DictConfig) -> bool:
     return True
 
 
+# Sampling temperatures (sample.temperatures, nfcv-sample temperature=): 1 is the model's
+# distribution; far above it the images are saturated noise, and inf or nan draw NaN.
+MAX_TEMPERATURE = 100.0
+
+
 def _temperatures(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(_number(0, 100)(t) for t in v)
+    return (
+        isinstance(v, list) and len(v) > 0 and all(_number(0, MAX_TEMPERATURE)(t) for t in v)
+    )
 
 
 @dataclass(frozen=True)

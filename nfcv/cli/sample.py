@@ -24,6 +24,7 @@ from nfcv.cli.common import (
     ema_arg,
     int_arg,
 )
+from nfcv.config import MAX_TEMPERATURE, show
 from nfcv.data.files import atomic_path, check_output
 from nfcv.errors import ConfigError, user_errors
 from nfcv.grid import (
@@ -40,33 +41,42 @@ MODES = ("grid", "interpolate", "reconstruct", "npz")
 
 
 def _temperatures(cfg: DictConfig) -> list[float]:
+    """``temperature=``: one or more numbers in [0, MAX_TEMPERATURE] (nan, inf or 1e6 would
+    draw NaN or saturated images without a word)."""
     temps = list(cfg.temperature) if isinstance(cfg.temperature, ListConfig) else [cfg.temperature]
-    try:
-        temps = [float(t) for t in temps]
-    except (TypeError, ValueError) as err:
+    ok = [
+        isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= MAX_TEMPERATURE
+        for t in temps  # False for NaN
+    ]
+    if not temps or not all(ok):
         raise ConfigError(
-            f"temperature must be a number or a list of numbers, got {temps}"
-        ) from err
-    if not temps or any(t < 0 for t in temps):
-        raise ConfigError(f"temperature must be one or more numbers >= 0, got {temps}")
-    return temps
+            f"temperature must be one or more numbers in [0, {MAX_TEMPERATURE:g}] (1: the "
+            f"model's distribution), got temperature={show(temps)}"
+        )
+    return [float(t) for t in temps]
 
 
 def _index(cfg: DictConfig) -> list[int]:
     values = list(cfg.index) if isinstance(cfg.index, ListConfig) else [cfg.index]
-    try:
-        return [int(i) for i in values]
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"index must be a list of image numbers, got {values}") from err
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
+        raise ConfigError(f"index must be a list of image numbers, got index={show(values)}")
+    return values
 
 
 def _real_images(cfg: DictConfig, loaded: Loaded, index: list[int]) -> torch.Tensor:
     """Images `index` of split `cfg.split` of the checkpoint's data (or ``data=``)."""
     dataset = data_module(cfg, loaded).split(str(cfg.split))
-    bad = [i for i in index if not 0 <= i < len(dataset)]
-    if bad:
+    size = len(dataset)
+    bad = [i for i in index if not 0 <= i < size]
+    if bad and cfg.mode == "reconstruct":
         raise ConfigError(
-            f"index {bad} out of range: the {cfg.split} split has {len(dataset)} images"
+            f"n={len(index)}: mode=reconstruct shows n images of the {cfg.split} split, which "
+            f"has {size}: use n <= {size}"
+        )
+    if bad:  # one line, however many: the first few
+        listed = f"{bad[:5]}" + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConfigError(
+            f"index {listed} out of range: the {cfg.split} split has {size} images (0..{size - 1})"
         )
     return torch.stack([dataset[i][0] for i in index])
 
