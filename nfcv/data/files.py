@@ -86,7 +86,8 @@ def check_output(
     path: Path, ours: Callable[[Path], bool] | None = None, what: str = "a file"
 ) -> None:
     """Refuse (`OutputError`) to write `path` where it is a folder, or, given `ours`, an existing
-    file for which ``ours(path)`` is false: not `what` written by nfcv."""
+    file for which ``ours(path)`` is false: not `what` written by nfcv; or where it cannot be
+    written (under a file, in a folder without write permission)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(
@@ -97,6 +98,15 @@ def check_output(
             f"refusing to overwrite {path}: it is not {what} written by nfcv. Pass another "
             "out=, or delete the file if you do not need it"
         )
+    # The nearest folder above it that exists (atomic_path makes the missing ones) must be a
+    # folder this process may write in: else the write fails after the work, not before it.
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: no permission to write in {folder}")
 
 
 @contextlib.contextmanager
