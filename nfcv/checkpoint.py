@@ -302,4 +302,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         }
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: its nfcv metadata is not valid JSON ({err})") from err
+    for key, entry in (("config", "nfcv_config"), ("data_info", "data_info")):
+        if not isinstance(info[key], dict):
+            kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}
+            raise CheckpointError(
+                f"{path}: its nfcv metadata is malformed: {entry} must be a JSON object (the "
+                f"resolved train config, the data record), got "
+                f"{kind.get(type(info[key]), 'a number')}"
+            )
     return tensors, info
