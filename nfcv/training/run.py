@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -15,15 +17,15 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 from torchvision.utils import save_image
 
-from nfcv.checkpoint import AtomicCheckpointIO
-from nfcv.config import resolve
+from nfcv.checkpoint import CONFIG, HPARAMS, AtomicCheckpointIO, model_state, read_checkpoint
+from nfcv.config import build_model, check_run, resolve, show
 from nfcv.data.files import atomic_path
 from nfcv.errors import ConfigError, NfcvError
 from nfcv.grid import sample_grid
-from nfcv.schema import check_keys
 from nfcv.training.callbacks import (
     TrainSpeed,
 )
@@ -87,6 +89,103 @@ def run_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return built
 
 
+# Files that do not make a folder hold a run (the lock of `hold_run_folder`).
+BOOKKEEPING = (".lock",)
+
+
+def _holds_nothing(run_dir: Path) -> bool:
+    """No file in `run_dir` but bookkeeping: nothing a user would keep."""
+    return not any(p.is_file() and p.name not in BOOKKEEPING for p in run_dir.rglob("*"))
+
+
+def _remove(made: list[Path]) -> None:
+    """Remove the run folder this call made (``made[0]``) and the parents it made, those that
+    are empty (another run may be in one)."""
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        shutil.rmtree(made[0])
+        for parent in made[1:]:
+            parent.rmdir()
+    except OSError:
+        pass
+
+
+def _record_failure(run_dir: Path, err: BaseException) -> None:
+    """``status.json`` says the run failed (or was interrupted) and why; the folder is kept."""
+    if rank_zero_only.rank != 0:
+        return
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    try:
+        write_status(run_dir, status, error=err)
+    except OSError as cause:
+        log.warning("nfcv: could not write the status of the failed run in %s: %s", run_dir, cause)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"flow": [{"a": 1}]}}`` -> ``{"model.flow[0].a": 1}``."""
+    if isinstance(node, Mapping):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+    elif isinstance(node, list) and any(isinstance(v, Mapping | list) for v in node):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(_flatten(value, key))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = show(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resume_fits(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """Refuse to resume from a checkpoint whose weights do not fit the model the config
+    describes (trained with another model.hidden, say), naming the keys that differ, before
+    anything is built: Lightning would fail in load_state_dict after the Trainer started."""
+    ckpt = read_checkpoint(ckpt_path)
+    stored = (ckpt.get(HPARAMS) or {}).get(CONFIG)
+    if not isinstance(stored, Mapping):
+        return  # no config to compare with: loading the checkpoint reports it
+    now = resolve(cfg)
+    model_cfg = dict(now["model"])
+    if model_cfg.get("conditional") and not model_cfg.get("num_classes"):
+        # Set from the data later; the checkpoint's, to build the model now.
+        model_cfg["num_classes"] = (stored.get("model") or {}).get("num_classes")
+    model = build_model({"model": model_cfg, "dequant": now.get("dequant")})
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model_state(ckpt).items()}
+    if want == have:
+        return
+    groups = ("model", "dequant")
+    there = _flatten({g: stored.get(g) for g in groups})
+    here = _flatten({g: now.get(g) for g in groups})
+    absent = object()
+    differ = [
+        k
+        for k in there.keys() | here.keys()
+        if k != "model.num_classes" and there.get(k, absent) != here.get(k, absent)
+    ]
+    if differ:
+        # The shallowest keys: those a user sets (model.hidden), not those that follow from them.
+        depth = min(k.count(".") + k.count("[") for k in differ)
+        first = sorted(k for k in differ if k.count(".") + k.count("[") == depth)[:3]
+        shown = "; ".join(
+            f"{k}={_short(there.get(k))} there, {_short(here.get(k))} now" for k in first
+        )
+        more = f" (and {len(differ) - len(first)} more keys)" if len(differ) > len(first) else ""
+        what = f"what differs: {shown}{more}"
+    else:
+        what = "the configs agree: was it written by another version of nfcv?"
+    raise ConfigError(
+        f"cannot resume from {ckpt_path}: its weights do not fit the model this config "
+        f"describes ({what}). Resume with the settings it was trained with, or train in a new "
+        "folder"
+    )
+
+
 def train(
     cfg: DictConfig, run_dir: Path | None = None, callbacks: Sequence[L.Callback] = ()
 ) -> dict:
@@ -96,27 +195,50 @@ def train(
 
     Returns a summary: test and best val bpd, steps, times, paths, and the `FlowModule` (holding
     the best weights).
+
+    Bad keys or values and a trainer this machine cannot run fail before the run folder is made,
+    a checkpoint to resume from that does not fit the model before anything is written in it
+    (`ConfigError`s, one line). A run that fails later must not look like a run: a folder made by
+    this call that holds nothing yet is removed (with the parents it made), any other is marked
+    failed in its ``status.json`` (`nfcv.training.sweep.write_status`).
     """
-    check_keys(cfg)  # a key added with `+` that its group does not have: before anything runs
+    # Keys, values and the machine (`check_run`), before anything is made.
+    check_run(cfg)
     if run_dir is None:
         run_dir = cfg.get("run_dir") or run_dir_now()
     run_dir = Path(run_dir)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)  # what ${run_dir} in the callbacks and logger configs reads
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    # One trainer per run folder, for the whole run (a second is refused, naming this one).
-    with hold_run_folder(run_dir):
-        return _train(cfg, run_dir, callbacks)
+    try:
+        # One trainer per run folder, for the whole run (a second is refused, naming this one).
+        with hold_run_folder(run_dir):
+            # Which checkpoint to continue from (resume=auto|true, ckpt_path=), and whether its
+            # weights fit the model the config describes: decided before any data is read, so a
+            # wrong request fails at once and leaves the folder as it was.
+            resume_from = resume_checkpoint(run_dir, cfg.get("resume"), cfg.get("ckpt_path"))
+            if resume_from is not None:
+                check_resume_fits(cfg, resume_from)
+            try:
+                return _train(cfg, run_dir, callbacks, resume_from)
+            except BaseException as err:
+                if not (made and _holds_nothing(run_dir)):
+                    _record_failure(run_dir, err)
+                raise
+    except BaseException:
+        if made and _holds_nothing(run_dir):
+            _remove(made)
+        raise
 
 
-def _train(cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback]) -> dict:
+def _train(
+    cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback], resume_from: str | None
+) -> dict:
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
 
-    # Which checkpoint to continue from (resume=auto|true, ckpt_path=): decided before any data
-    # is read, so a wrong request fails at once.
-    resume_from = resume_checkpoint(run_dir, cfg.get("resume"), cfg.get("ckpt_path"))
     if cfg.get("resume") == "auto":
         log.info("resume=auto: continuing from %s", resume_from) if resume_from else log.info(
             "resume=auto: no checkpoint in %s, starting", run_dir
