@@ -16,7 +16,7 @@ from conftest import _tiny_overrides
 
 import nfcv
 from nfcv.data.samplers import ResumableShuffle, ShardedSequential
-from nfcv.errors import ConfigError
+from nfcv.errors import CheckpointError, ConfigError
 from nfcv.training.resume import resume_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -74,6 +74,9 @@ def test_resume_requests_are_checked(tmp_path):
         resume_checkpoint(tmp_path, None, "last")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        resume_checkpoint(tmp_path, "auto", None)
+    torch.save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")
     assert resume_checkpoint(tmp_path, "auto", None).endswith("last.ckpt")
     with pytest.raises(ConfigError, match="already holds a run"):
         resume_checkpoint(tmp_path, None, None)
