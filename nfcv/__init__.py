@@ -15,6 +15,7 @@ from nfcv.catalogue import build_layer, layer_names  # noqa: E402
 from nfcv.checkpoint import load  # noqa: E402
 from nfcv.config import build_model, compose  # noqa: E402
 from nfcv.model import ImageFlow  # noqa: E402
+from nfcv.registry import register  # noqa: E402
 
 __all__ = [
     "ImageFlow",
@@ -24,4 +25,5 @@ __all__ = [
     "compose",
     "layer_names",
     "load",
+    "register",
 ]

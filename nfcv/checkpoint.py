@@ -5,8 +5,9 @@ A checkpoint is a Lightning checkpoint (a zip written by ``torch.save``) whose
 the data it was trained on (`DATA_INFO`) and the nfcv version; the model's weights are the
 `STATE_DICT` entries under `MODEL_PREFIX`; with ``ema.decay`` the averaged weights are
 `EMA_STATE` (the model's own keys) beside `EMA_INFO`. It is read with
-``torch.load(weights_only=True)``, so no pickled code runs, and the config is checked before
-anything is built from it.
+``torch.load(weights_only=True)``, so no pickled code runs, and its config is checked by
+`nfcv.registry.check_config` before anything is built from it, and then only registered classes
+are built.
 
 Writes are atomic. Lightning's `TorchCheckpointIO` serialises a checkpoint in memory and then
 writes it over the file in place: a process killed during that write leaves a truncated
@@ -39,6 +40,7 @@ from nfcv.data.files import atomic_path, check_output
 from nfcv.errors import CheckpointError
 from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
+from nfcv.registry import check_config
 
 # The keys of a checkpoint (top level of the Lightning checkpoint dict, and its hparams).
 STATE_DICT = "state_dict"
@@ -49,9 +51,6 @@ DATA_INFO = "data_info"
 VERSION = "nfcv_version"
 EMA_STATE = "ema_state_dict"
 EMA_INFO = "ema"  # {"decay": float, "num_updates": int}
-# A checkpoint's config is instantiated when it is loaded, so its `_target_`s must name nfcv's
-# own classes or the optimizers and trainer: anything else could run arbitrary code.
-SAFE_TARGET_PREFIXES = ("nfcv.", "torch.optim.", "lightning.")
 
 
 def hparams(cfg: Mapping[str, Any], data_info: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -61,6 +60,7 @@ def hparams(cfg: Mapping[str, Any], data_info: Mapping[str, Any] | None) -> dict
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to `path` through a fsynced temporary file and `os.replace` (`atomic_path`)."""
@@ -84,7 +84,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # Reading and loading
 
 
-
 @dataclass
 class Loaded:
     """What `load_checkpoint` read: the model (eval mode) and the facts stored beside it."""
@@ -94,25 +93,6 @@ class Loaded:
     uses_ema: bool
     data_info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-
-
-def check_targets(node: Any, source: str, where: str = "") -> None:
-    """Refuse `_target_`s outside `SAFE_TARGET_PREFIXES` anywhere in a plain config."""
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
-            raise CheckpointError(
-                f"refusing to load {source}: its config asks to build {target!r} at "
-                f"{where or '<root>'}; checkpoints may only name nfcv classes, torch optimizers "
-                "and the Lightning trainer"
-            )
-        for key, value in node.items():
-            check_targets(value, source, f"{where}.{key}" if where else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            check_targets(value, source, f"{where}[{i}]")
-
-
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -170,7 +150,6 @@ def load_checkpoint(
     if path.suffix == ".safetensors":
         tensors, info = read_safetensors(path)
         raw_cfg, data_info = info["config"], info.get("data_info") or {}
-        check_targets(raw_cfg, str(path))
         uses_ema = info["weights"] == "ema"
         if ema is not None and bool(ema) != uses_ema:
             raise CheckpointError(
@@ -183,7 +162,6 @@ def load_checkpoint(
         ckpt = read_checkpoint(path)
         raw_cfg = ckpt[HPARAMS][CONFIG]
         data_info = ckpt[HPARAMS].get(DATA_INFO) or {}
-        check_targets(raw_cfg, str(path))
         has_ema = ckpt.get(EMA_STATE) is not None
         if ema and not has_ema:
             raise CheckpointError(
@@ -195,8 +173,16 @@ def load_checkpoint(
             state, which = ckpt[EMA_STATE], "EMA weights"
         else:
             state, which = model_state(ckpt), "weights"
+    # The stored config is data from a file: checked before anything is built from it, and then
+    # only registered classes are (nfcv.registry; "Security" in docs/design.md).
+    if not isinstance(raw_cfg, Mapping):
+        raise CheckpointError(
+            f"{path} is not an nfcv checkpoint: its config is a {type(raw_cfg).__name__}, not a "
+            "mapping of config groups"
+        )
+    check_config(raw_cfg, str(path))
     cfg = OmegaConf.create(raw_cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, source=str(path))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -15,8 +15,6 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,6 +22,7 @@ from nfcv.errors import ConfigError
 from nfcv.flows.base import Bijector
 from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
+from nfcv.registry import build, resolved
 from nfcv.schema import check_keys
 
 CONFIG_MODULE = "nfcv.configs"
@@ -106,9 +105,7 @@ MAX_TEMPERATURE = 100.0
 
 
 def _temperatures(v: Any) -> bool:
-    return (
-        isinstance(v, list) and len(v) > 0 and all(_number(0, MAX_TEMPERATURE)(t) for t in v)
-    )
+    return isinstance(v, list) and len(v) > 0 and all(_number(0, MAX_TEMPERATURE)(t) for t in v)
 
 
 @dataclass(frozen=True)
@@ -263,16 +260,24 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         ) from err
 
 
-def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
-    """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups)."""
+def build_model(cfg: DictConfig | Mapping[str, Any], *, source: str = "the config") -> ImageFlow:
+    """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups).
+
+    Only classes in `nfcv.registry` are built (`nfcv.registry.build`, never Hydra's
+    ``instantiate``): a class of your own needs ``nfcv.register``. `source` names the config in
+    errors (the file, for a loaded checkpoint)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     model_cfg = cfg.model
     name = model_cfg.get("name", "model")
     try:
-        flow = instantiate(model_cfg.flow)
-        preprocess = instantiate(model_cfg.preprocess) if model_cfg.get("preprocess") else None
-        dequantizer = instantiate(cfg.dequant) if cfg.get("dequant") else None
+        flow = build(resolved(model_cfg.flow), source=source, where="model.flow")
+        preprocess = model_cfg.get("preprocess")
+        if preprocess:
+            preprocess = build(resolved(preprocess), source=source, where="model.preprocess")
+        dequantizer = cfg.get("dequant")
+        if dequantizer:
+            dequantizer = build(resolved(dequantizer), source=source, where="dequant")
         for key, obj in (("model.flow", flow), ("model.preprocess", preprocess)):
             if obj is not None and not isinstance(obj, Bijector):
                 raise ConfigError(
@@ -302,5 +307,5 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
         return model
     except ConfigError:
         raise
-    except (InstantiationException, ValueError, OmegaConfBaseException) as err:
+    except (TypeError, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot build model '{name}': {_root_message(err)}") from err

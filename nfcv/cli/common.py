@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nfcv.checkpoint import Loaded
 from nfcv.config import resolve
 from nfcv.errors import ConfigError
+from nfcv.registry import build, check_config
 from nfcv.training.runs import expand_checkpoints
 
 
@@ -87,8 +87,11 @@ def data_module(cfg: DictConfig, loaded: Loaded, batch_size: int | None = None):
         data_cfg = OmegaConf.create(resolve(other))
         source = f"data={data_cfg.get('name', '?')}"
     else:
-        data_cfg = OmegaConf.create(OmegaConf.to_container(loaded.config.data))
-        source = f"the checkpoint's data ({data_cfg.get('name')})"
+        stored = OmegaConf.to_container(loaded.config.data)  # unresolved: "${" stays visible
+        name = stored.get("name") if isinstance(stored, dict) else "?"
+        source = f"the checkpoint's data ({name})"
+        check_config(stored, source, where="data")  # also for a Loaded not from load_checkpoint
+        data_cfg = OmegaConf.create(stored)
     for key in ("root", "download"):
         if cfg.get(key) is not None:
             if key not in data_cfg:
@@ -106,4 +109,4 @@ def data_module(cfg: DictConfig, loaded: Loaded, batch_size: int | None = None):
         )
     if batch_size is not None:
         data_cfg.eval_batch_size = batch_size
-    return instantiate(data_cfg)
+    return build(data_cfg, source=source, where="data")

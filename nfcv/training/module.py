@@ -9,13 +9,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nfcv.checkpoint import hparams
 from nfcv.config import build_model
 from nfcv.errors import ConfigError
 from nfcv.model import ImageFlow
+from nfcv.registry import build, resolved
 from nfcv.training.ema import EMA
 
 
@@ -44,7 +44,7 @@ def build_optimizer(optimizer_cfg, params, allow_fused: bool = True) -> torch.op
     Lightning's mixed precision refuses gradient clipping with a fused optimizer (it unscales
     inside its step), so FlowModule passes ``allow_fused=False`` under ``*-mixed``."""
     params = list(params)
-    factory = instantiate(optimizer_cfg)
+    factory = build(resolved(optimizer_cfg), where="optim.optimizer")
     cls = factory.func if isinstance(factory, functools.partial) else factory
     kwargs = {}
     if (

@@ -143,7 +143,7 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.ckpt_dir / LAST)
+            trainer.save_checkpoint(self.ckpt_dir / LAST, weights_only=False)
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -278,7 +278,9 @@ def _train(
         plugins=[AtomicCheckpointIO()],
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        # weights_only=True: a checkpoint to resume from is read as tensors and plain
+        # containers, never unpickled (the same reader as nfcv.load's).
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERMException:
         # Preemption saved last.ckpt at the end of the batch in progress (on_exception).
         summary = {
@@ -301,11 +303,13 @@ def _train(
     # The steps after the last validation too (max_steps not a multiple of the interval).
     last = str(ckpt_dir / "last.ckpt")
     if trainer.global_step > 0:
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # the whole state: resumable
     # Read before testing: trainer.test restores the callback state stored in the checkpoint.
     best = (checkpoint.best_model_path if checkpoint is not None else "") or last
     best_score = checkpoint.best_model_score if checkpoint is not None else None
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    test_metrics = trainer.test(
+        module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True
+    )
     test_bpd = float(test_metrics[0]["test/bpd"]) if test_metrics else math.nan
 
     samples_path = run_dir / "samples.png"
