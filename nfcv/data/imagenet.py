@@ -13,7 +13,7 @@ import torch
 
 from nfcv.data.base import LocalDataModule
 from nfcv.data.files import atomic_path, atomic_write_text, default_cache
-from nfcv.data.images import ImageSource, NpyImages
+from nfcv.data.images import ImageSource, NpyImages, read_npy_header
 from nfcv.errors import DataError
 
 # -- Downsampled ImageNet: npz batches, converted once to one .npy per split, read row by row
@@ -24,15 +24,7 @@ _NPZ_CHUNK_BYTES = 16 << 20  # rows are copied this many bytes at a time: the co
 def _npz_member_header(zf: zipfile.ZipFile, key: str, path: Path):
     """(open member file positioned at the data, shape, dtype) of array `key` of an npz."""
     f = zf.open(f"{key}.npy")
-    version = np.lib.format.read_magic(f)
-    reader = (
-        np.lib.format.read_array_header_1_0
-        if version == (1, 0)
-        else np.lib.format.read_array_header_2_0
-    )
-    shape, fortran, dtype = reader(f)
-    if fortran:
-        raise DataError(f"{path}: array '{key}' is stored in Fortran order, not as rows")
+    shape, dtype = read_npy_header(f, f"{path}: array '{key}'")
     return f, shape, dtype
 
 

@@ -83,6 +83,22 @@ class ImageSource(Dataset):
         return self.read(i), self.labels[i]
 
 
+def read_npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the ``.npy`` array whose file `f` starts here (a file on disk or an
+    npz member), leaving `f` at the first byte of the data; an array in Fortran order, which
+    nfcv cannot read as rows, is a `DataError` naming `where`."""
+    version = np.lib.format.read_magic(f)
+    reader = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = reader(f)
+    if fortran:
+        raise DataError(f"{where}: the array is stored in Fortran order, not as rows")
+    return tuple(shape), dtype
+
+
 class NpyImages(ImageSource):
     """uint8 images (N, C, H, W) in a ``.npy`` file, read one row at a time with ``os.pread``
     (an open file: no map), so neither the process's anonymous memory nor its resident set grows
@@ -95,14 +111,13 @@ class NpyImages(ImageSource):
         self.path = Path(path)
         self.labels = labels
         with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, _ = read_header(f)
+            shape, dtype = read_npy_header(f, str(self.path))
             self.offset = f.tell()
+        if dtype != np.uint8 or len(shape) != 4:
+            raise DataError(
+                f"{self.path} holds a {dtype} array of shape {shape}, not uint8 images "
+                "(N, C, H, W): remove it, and nfcv writes it again from the source files"
+            )
         self.image_shape = tuple(shape[1:])
         self.row = math.prod(self.image_shape)
         self._fd: int | None = None
