@@ -13,8 +13,6 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,12 +20,10 @@ from nfcv.errors import CheckpointError, ConfigError
 from nfcv.flows.base import Bijector
 from nfcv.flows.conv1x1 import name_layers
 from nfcv.model import ImageFlow
+from nfcv.registry import build, check_config, resolved
 from nfcv.schema import check_keys
 
 CONFIG_MODULE = "nfcv.configs"
-# A checkpoint's config is instantiated when it is loaded, so its `_target_`s must name nfcv's
-# own classes or the optimizers and trainer: anything else could run arbitrary code.
-SAFE_TARGET_PREFIXES = ("nfcv.", "torch.optim.", "lightning.")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
@@ -66,33 +62,23 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         ) from err
 
 
-def check_targets(node: Any, source: str, where: str = "") -> None:
-    """Refuse `_target_`s outside `SAFE_TARGET_PREFIXES` anywhere in a plain config."""
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
-            raise CheckpointError(
-                f"refusing to load {source}: its config asks to build {target!r} at "
-                f"{where or '<root>'}; checkpoints may only name nfcv classes, torch optimizers "
-                "and the Lightning trainer"
-            )
-        for key, value in node.items():
-            check_targets(value, source, f"{where}.{key}" if where else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            check_targets(value, source, f"{where}[{i}]")
+def build_model(cfg: DictConfig | Mapping[str, Any], *, source: str = "the config") -> ImageFlow:
+    """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups).
 
-
-def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
-    """An untrained `ImageFlow` from a train config (its ``model`` and ``dequant`` groups)."""
+    Only classes in `nfcv.registry` are built (`nfcv.registry.build`); `source` names the
+    config in errors (the file, for a loaded checkpoint)."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     model_cfg = cfg.model
     name = model_cfg.get("name", "model")
     try:
-        flow = instantiate(model_cfg.flow)
-        preprocess = instantiate(model_cfg.preprocess) if model_cfg.get("preprocess") else None
-        dequantizer = instantiate(cfg.dequant) if cfg.get("dequant") else None
+        flow = build(resolved(model_cfg.flow), source=source, where="model.flow")
+        preprocess = model_cfg.get("preprocess")
+        if preprocess:
+            preprocess = build(resolved(preprocess), source=source, where="model.preprocess")
+        dequantizer = cfg.get("dequant")
+        if dequantizer:
+            dequantizer = build(resolved(dequantizer), source=source, where="dequant")
         for key, obj in (("model.flow", flow), ("model.preprocess", preprocess)):
             if obj is not None and not isinstance(obj, Bijector):
                 raise ConfigError(
@@ -121,7 +107,7 @@ def build_model(cfg: DictConfig | Mapping[str, Any]) -> ImageFlow:
         return model
     except ConfigError:
         raise
-    except (InstantiationException, ValueError, OmegaConfBaseException) as err:
+    except (TypeError, ValueError, OmegaConfBaseException) as err:
         raise ConfigError(f"cannot build model '{name}': {_root_message(err)}") from err
 
 
@@ -183,7 +169,7 @@ def load(
     if Path(path).suffix == ".safetensors":
         return _load_safetensors(Path(path), map_location, ema)
     ckpt = read_checkpoint(path)
-    check_targets(ckpt["hyper_parameters"]["cfg"], str(path))
+    check_config(ckpt["hyper_parameters"]["cfg"], str(path))
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
     has_ema = ckpt.get("ema_state_dict") is not None
     if ema is None:
@@ -193,7 +179,7 @@ def load(
             f"{path} has no EMA weights (it was trained without ema.decay, or saved before the "
             "first step): load it with ema=false"
         )
-    model = build_model(cfg)
+    model = build_model(cfg, source=str(path))
     if ema:
         state = ckpt["ema_state_dict"]
     else:
@@ -219,7 +205,7 @@ def _load_safetensors(path: Path, map_location: str | torch.device, ema: bool | 
     from nfcv.export import read_safetensors
 
     tensors, info = read_safetensors(path)
-    check_targets(info["config"], str(path))
+    check_config(info["config"], str(path))
     is_ema = info["weights"] == "ema"
     if ema is not None and bool(ema) != is_ema:
         raise CheckpointError(
@@ -227,7 +213,7 @@ def _load_safetensors(path: Path, map_location: str | torch.device, ema: bool | 
             "for the other set: export them with nfcv-export ema=..., or load with ema=null"
         )
     cfg = OmegaConf.create(info["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, source=str(path))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as err:

@@ -6,10 +6,10 @@ import importlib.resources
 from collections.abc import Sequence
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nfcv.flows.base import Bijector
+from nfcv.registry import build
 
 LAYER_GROUP = "layer"
 
@@ -37,7 +37,7 @@ def build_layer(name: str, shape: Sequence[int], **overrides: Any) -> Bijector:
     (4, 8, 8), num_bins=16)``. The shape is checked against the layer before it is returned.
     """
     cfg = OmegaConf.merge(layer_config(name), overrides)
-    made = instantiate(cfg)
+    made = build(cfg, source=f"layer {name!r}")
     layer = made if isinstance(made, Bijector) else made(int(shape[0]))
     layer.output_shape(tuple(int(s) for s in shape))
     return layer

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nfcv import __version__
@@ -17,6 +16,7 @@ from nfcv.api import build_model
 from nfcv.ema import EMA
 from nfcv.errors import ConfigError
 from nfcv.model import ImageFlow
+from nfcv.registry import build, resolved
 
 
 def lr_factor(warmup_steps: int, decay: str = "none", total_steps: int = 0):
@@ -44,7 +44,7 @@ def build_optimizer(optimizer_cfg, params, allow_fused: bool = True) -> torch.op
     Lightning's mixed precision refuses gradient clipping with a fused optimizer (it unscales
     inside its step), so FlowModule passes ``allow_fused=False`` under ``*-mixed``."""
     params = list(params)
-    factory = instantiate(optimizer_cfg)
+    factory = build(resolved(optimizer_cfg), where="optim.optimizer")
     cls = factory.func if isinstance(factory, functools.partial) else factory
     kwargs = {}
     if (

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nfcv.api import resolve
 from nfcv.errors import ConfigError
 from nfcv.model import ImageFlow
+from nfcv.registry import build, check_config
 from nfcv.runs import expand_checkpoints
 
 
@@ -81,8 +81,10 @@ def data_module(cfg: DictConfig, model: ImageFlow, batch_size: int | None = None
         data_cfg = OmegaConf.create(resolve(other))
         source = f"data={data_cfg.get('name', '?')}"
     else:
-        data_cfg = OmegaConf.create(OmegaConf.to_container(model.config.data))
-        source = f"the checkpoint's data ({data_cfg.get('name')})"
+        stored = OmegaConf.to_container(model.config.data)  # unresolved: "${" stays visible
+        source = f"the checkpoint's data ({stored.get('name')})"
+        check_config(stored, source, where="data")  # also for models not from nfcv.load
+        data_cfg = OmegaConf.create(stored)
     for key in ("root", "download"):
         if cfg.get(key) is not None:
             if key not in data_cfg:
@@ -99,4 +101,4 @@ def data_module(cfg: DictConfig, model: ImageFlow, batch_size: int | None = None
         )
     if batch_size is not None:
         data_cfg.eval_batch_size = batch_size
-    return instantiate(data_cfg)
+    return build(data_cfg, source=source, where="data")
