@@ -170,7 +170,7 @@ def train(
         plugins=[AtomicCheckpointIO()],
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERMException:
         # Preemption saved last.ckpt at the end of the batch in progress (on_exception).
         summary = {
@@ -193,11 +193,14 @@ def train(
     # The steps after the last validation too (max_steps not a multiple of the interval).
     last = str(ckpt_dir / "last.ckpt")
     if trainer.global_step > 0:
-        trainer.save_checkpoint(last)
+        trainer.save_checkpoint(last, weights_only=False)  # the full state: resumable
     # Read before testing: trainer.test restores the callback state stored in the checkpoint.
     best = checkpoint.best_model_path or last
     best_score = checkpoint.best_model_score
-    test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    # weights_only=True: the checkpoint is read as tensors and plain containers, never unpickled.
+    test_metrics = trainer.test(
+        module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True
+    )
     test_bpd = float(test_metrics[0]["test/bpd"]) if test_metrics else math.nan
 
     samples_path = run_dir / "samples.png"
