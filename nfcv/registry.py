@@ -5,7 +5,7 @@ A checkpoint (``.ckpt``) or an export (``.safetensors``) holds the resolved trai
 written, so building it must not run anything but the constructors of nfcv's own classes. Hydra's
 ``instantiate`` cannot promise that: it resolves a ``_target_`` by importing modules and walking
 their attributes, so ``nfcv.api.torch.load`` or ``nfcv.data.shutil.copyfile`` are as good as
-``nfcv.flows.Glow`` to it; and OmegaConf builds nodes from ``${oc.create:...}`` interpolations
+``nfcv.flows.GlowNet`` to it; and OmegaConf builds nodes from ``${oc.create:...}`` interpolations
 when they are read, out of sight of any check of the stored dictionary.
 
 Here a ``_target_`` is a key in a dictionary of class objects (`lookup`), filled from nfcv's own
