@@ -1,10 +1,12 @@
 """Elementwise monotone transforms used by coupling layers: rational-quadratic splines (Durkan et
-al. 2019, arXiv:1906.04032) and the logit of a mixture of logistics CDF (Flow++, Ho et al. 2019,
-arXiv:1902.00275)."""
+al. 2019, arXiv:1906.04032), the logit of a mixture of logistics CDF (Flow++, Ho et al. 2019,
+arXiv:1902.00275) and the deep sigmoidal flow (NAF, Huang et al. 2018, arXiv:1804.00779), with
+the bisection that inverts the last two."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,31 +131,96 @@ def mixture_logistic_logit_inverse(
     """Invert `mixture_logistic_logit` by bisection to `tol` (the map is strictly increasing).
 
     The bisection runs without autograd; it stops at `tol`, or when the bracket stops shrinking
-    at the dtype's precision. With gradients enabled a final Newton step carries them.
+    at the dtype's precision. With gradients enabled the root carries them (`invert_increasing`).
     """
     with torch.no_grad():
-        root = _bisect(y, logits, means, log_scales, tol, max_iters)
+        # Beyond every component's mean +/- (|y| + 30) scales, the mixture's logit exceeds |y|.
+        reach = (y.abs()[..., None] + 30.0) * torch.exp(log_scales)
+        lo = (means - reach).min(dim=-1).values
+        hi = (means + reach).max(dim=-1).values
+    return invert_increasing(
+        lambda x: mixture_logistic_logit(x, logits, means, log_scales), y, lo, hi, tol, max_iters
+    )
+
+
+def invert_increasing(
+    fn: Callable[[Tensor], tuple[Tensor, Tensor]],
+    y: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    tol: float = 1e-6,
+    max_iters: int = 200,
+) -> Tensor:
+    """The x with ``fn(x)[0] == y``, elementwise, for `fn` strictly increasing and returning
+    ``(value, log slope)``, given a bracket with ``fn(lo) <= y <= fn(hi)``.
+
+    Bisection without autograd, to a bracket of width `tol` in x, or until the bracket stops
+    shrinking at the dtype's precision, or `max_iters` halvings. With gradients enabled the
+    root carries them by the implicit function theorem; its value stays the bisection's.
+    """
+    with torch.no_grad():
+        for _ in range(max_iters):
+            mid = 0.5 * (lo + hi)
+            below = fn(mid)[0] < y
+            new_lo, new_hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+            if torch.equal(new_lo, lo) and torch.equal(new_hi, hi):
+                break  # at the dtype's resolution
+            lo, hi = new_lo, new_hi
+            if bool(((hi - lo) <= tol).all()):
+                break
+        root = 0.5 * (lo + hi)
     if not torch.is_grad_enabled():
         return root
-    # One Newton step with autograd on: the same value to first order, and the gradient of the
-    # root with respect to y and the mixture (implicit function theorem) instead of none.
-    value, log_slope = mixture_logistic_logit(root, logits, means, log_scales)
-    return root + (y - value) * torch.exp(-log_slope)
+    # The gradient of the root with respect to y and fn's parameters, dx = (dy - dfn) / fn'
+    # (implicit function theorem), as a zero-valued Newton step: taking the step itself would
+    # overshoot where fn is nearly flat (a DSF between two steep units: slopes of e^-40 turn a
+    # rounding-level residual into a jump of hundreds), and it could not improve on bisection.
+    value, log_slope = fn(root)
+    residual = y - value
+    inv_slope = torch.exp(-log_slope.detach()).clamp(max=torch.finfo(root.dtype).max)
+    return root + (residual - residual.detach()) * inv_slope
 
 
-def _bisect(y, logits, means, log_scales, tol, max_iters):
-    scales = torch.exp(log_scales)
-    # Beyond every component's mean +/- (|y| + 30) scales, the mixture's logit exceeds |y|.
-    reach = (y.abs()[..., None] + 30.0) * scales
-    lo = (means - reach).min(dim=-1).values
-    hi = (means + reach).max(dim=-1).values
-    for _ in range(max_iters):
-        mid = 0.5 * (lo + hi)
-        below = mixture_logistic_logit(mid, logits, means, log_scales)[0] < y
-        new_lo, new_hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        if torch.equal(new_lo, lo) and torch.equal(new_hi, hi):
-            break  # at the dtype's resolution
-        lo, hi = new_lo, new_hi
-        if bool(((hi - lo) <= tol).all()):
-            break
-    return 0.5 * (lo + hi)
+def deep_sigmoidal_flow(
+    x: Tensor, log_w: Tensor, log_a: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """NAF's deep sigmoidal flow with one hidden layer (arXiv:1804.00779, section 3.3):
+    ``y = logit(sum_k w_k sigmoid(a_k x + b_k))`` and log dy/dx, elementwise.
+
+    The unit parameters have a trailing dimension (..., K): `log_w` normalised log weights (a
+    log-softmax), `log_a` the log slopes, `b` the offsets. Computed in log space: ``y = log S -
+    log(1 - S)``, both by logsumexp of log-sigmoids, and ``dy/dx = S' / (S (1 - S))`` with
+    ``log S' = logsumexp(log w + log a + log sigmoid(u) + log sigmoid(-u))``, so y and the
+    log-derivative stay finite where S rounds to 0 or 1.
+    """
+    u = torch.exp(log_a) * x[..., None] + b
+    log_s, log_1ms = _log_sigmoid_pair(u)
+    log_cdf = torch.logsumexp(log_w + log_s, dim=-1)
+    log_sf = torch.logsumexp(log_w + log_1ms, dim=-1)
+    log_dcdf = torch.logsumexp(log_w + log_a + log_s + log_1ms, dim=-1)
+    return log_cdf - log_sf, log_dcdf - log_cdf - log_sf
+
+
+def deep_sigmoidal_flow_inverse(
+    y: Tensor,
+    log_w: Tensor,
+    log_a: Tensor,
+    b: Tensor,
+    tol: float = 1e-6,
+    max_iters: int = 200,
+) -> Tensor:
+    """Invert `deep_sigmoidal_flow` by bisection (`invert_increasing`) to `tol` in x.
+
+    The map is a bijection of the real line: every unit's sigmoid covers (0, 1), so S does and
+    its logit covers R. The bracket is exact: where every unit has ``a_k x + b_k >= y``, S is at
+    least sigmoid(y) and the output at least y, so ``hi = max_k (y - b_k) / a_k`` (and ``lo =
+    min_k``, symmetrically) bracket the root; the margin only absorbs rounding.
+    """
+    with torch.no_grad():
+        per_unit = (y[..., None] - b) * torch.exp(-log_a)
+        lo, hi = per_unit.min(dim=-1).values, per_unit.max(dim=-1).values
+        margin = 1.0 + 1e-3 * torch.maximum(lo.abs(), hi.abs())
+        lo, hi = lo - margin, hi + margin
+    return invert_increasing(
+        lambda x: deep_sigmoidal_flow(x, log_w, log_a, b), y, lo, hi, tol, max_iters
+    )
