@@ -27,6 +27,7 @@ from nfcv.flows import (
     Logit,
     MixLogCDFCoupling,
     MultiScale,
+    NAFCoupling,
     RealNVP,
     ResNetNet,
     Sequential,
@@ -97,6 +98,7 @@ CATALOGUE_SHAPE = (4, 4, 4)
 CATALOGUE_OVERRIDES = {
     "spline_coupling": {"num_bins": 4, "bound": 1.5},
     "mixlogcdf_coupling": {"num_components": 3, "tol": 1e-12},
+    "naf_coupling": {"num_hidden": 3, "tol": 1e-12},
     # The ODE solver's tolerance; the exact trace costs D backward passes per evaluation, so
     # the ODE layer is checked on a smaller input.
     "ffjord": {"hidden": 4, "rtol": 1e-7, "atol": 1e-7},
@@ -145,6 +147,10 @@ LAYERS.update(
             lambda c: _perturb(
                 MixLogCDFCoupling(c, NET, 3, 1e-12, mask="checkerboard", parity=1), 0.05
             ),
+            (2, 4, 4),
+        ),
+        "naf_checkerboard": (
+            lambda c: _perturb(NAFCoupling(c, NET, 3, 1e-12, mask="checkerboard", parity=1), 0.05),
             (2, 4, 4),
         ),
         "split_prior": (lambda c: _perturb(SplitPrior(c)), (4, 3, 3)),
@@ -333,7 +339,7 @@ def test_inverse_weight_cache_follows_parameter_updates():
 
 
 @pytest.mark.parametrize(
-    "cls", [AdditiveCoupling, AffineCoupling, SplineCoupling, MixLogCDFCoupling]
+    "cls", [AdditiveCoupling, AffineCoupling, SplineCoupling, MixLogCDFCoupling, NAFCoupling]
 )
 def test_coupling_pass_through_half_is_bit_exact(cls):
     x = torch.randn(2, 4, 3, 3)
@@ -349,7 +355,11 @@ def test_coupling_pass_through_half_is_bit_exact(cls):
 
 def test_new_couplings_start_as_the_identity():
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
-    for layer in (SplineCoupling(4, NET, 6, 2.0), MixLogCDFCoupling(4, NET, 3)):
+    for layer in (
+        SplineCoupling(4, NET, 6, 2.0),
+        MixLogCDFCoupling(4, NET, 3),
+        NAFCoupling(4, NET),
+    ):
         z, logdet = layer.double()(x)
         torch.testing.assert_close(z, x, atol=1e-12, rtol=0)
         torch.testing.assert_close(logdet, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
@@ -370,6 +380,109 @@ def test_mixlogcdf_inverse_meets_its_bisection_tolerance_in_float32():
     z, _ = layer(x)
     x_rec, _ = layer.inverse(z)
     torch.testing.assert_close(x_rec, x, atol=1e-4, rtol=0)
+
+
+def test_naf_inverse_meets_its_bisection_tolerance_in_float32():
+    layer = _perturb(NAFCoupling(4, NET, 4, tol=1e-6)).eval()
+    x = torch.randn(3, 4, 3, 3) * 3
+    z, logdet = layer(x)
+    x_rec, inv_logdet = layer.inverse(z)
+    torch.testing.assert_close(x_rec, x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(inv_logdet, -logdet, atol=1e-3, rtol=1e-5)
+
+
+def test_naf_inverse_brackets_far_tails_and_steep_units():
+    from nfcv.flows.splines import deep_sigmoidal_flow, deep_sigmoidal_flow_inverse
+
+    # Units far apart and steep, slopes at both clamp ends, and outputs far in the tails: the
+    # bracket from the extreme units must still hold the root.
+    n, k = 4000, 5
+    gen = torch.Generator().manual_seed(0)
+    log_w = torch.log_softmax(4 * torch.randn(n, k, generator=gen, dtype=torch.float64), -1)
+    log_a = (7 * (2 * torch.rand(n, k, generator=gen, dtype=torch.float64) - 1)).clamp(-7, 7)
+    b = 20 * torch.randn(n, k, generator=gen, dtype=torch.float64)
+    x = 50 * torch.randn(n, generator=gen, dtype=torch.float64)
+    y, _ = deep_sigmoidal_flow(x, log_w, log_a, b)
+    assert torch.isfinite(y).all()
+    x_rec = deep_sigmoidal_flow_inverse(y, log_w, log_a, b, tol=1e-9)
+    y_rec, _ = deep_sigmoidal_flow(x_rec, log_w, log_a, b)
+    # Compared in y: where a unit is flat the inverse is ill-conditioned in x, not wrong.
+    torch.testing.assert_close(y_rec, y, atol=1e-6, rtol=1e-9)
+
+
+def test_naf_log_derivative_matches_autograd_in_float64():
+    from nfcv.flows.splines import deep_sigmoidal_flow
+
+    gen = torch.Generator().manual_seed(1)
+    log_w = torch.log_softmax(torch.randn(50, 4, generator=gen, dtype=torch.float64), -1)
+    log_a, b = torch.randn(50, 4, generator=gen, dtype=torch.float64), torch.randn(50, 4)
+    x = 3 * torch.randn(50, dtype=torch.float64, requires_grad=True)
+    y, log_dy = deep_sigmoidal_flow(x, log_w, log_a, b.double())
+    (dy,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(log_dy, torch.log(dy))
+
+
+def test_naf_stays_finite_for_extreme_net_outputs():
+    layer = NAFCoupling(4, NET, 4)
+    x = torch.randn(2, 4, 3, 3) * 3
+    bias = layer.net.net[-1].conv.bias
+    for fill in (
+        lambda: bias.fill_(1e4),
+        lambda: bias.fill_(-1e4),
+        lambda: bias.copy_(1e4 * torch.sign(torch.randn_like(bias))),
+    ):
+        with torch.no_grad():
+            fill()
+        z, logdet = layer(x)
+        assert torch.isfinite(z).all() and torch.isfinite(logdet).all()
+        x_rec, inv_logdet = layer.inverse(z)
+        assert torch.isfinite(x_rec).all() and torch.isfinite(inv_logdet).all()
+        z.sum().backward()  # and no NaN gradient from the clamped slopes
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+        layer.zero_grad()
+
+
+def test_naf_units_separate_in_training():
+    # From the identity start every DSF unit gets the same gradient; the per-unit offset gains
+    # must break that, or K units stay one unit and the coupling is affine.
+    torch.manual_seed(0)
+    layer = NAFCoupling(4, NET, 3)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 4, 3, 3) * 2
+    for _ in range(5):
+        z, logdet = layer(x)
+        loss = (0.5 * z**2).sum() - logdet.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = layer._params(x[:, :2], None)
+    for group in (p[..., :3], p[..., 3:6] * layer.offset_gains, p[..., 6:]):
+        spread = group.max(-1).values - group.min(-1).values
+        assert spread.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_hidden", [0, -1, 2.5])
+def test_naf_refuses_fewer_than_one_hidden_unit(num_hidden):
+    with pytest.raises(ValueError, match="num_hidden"):
+        nfcv.build_layer("naf_coupling", (4, 4, 4), num_hidden=num_hidden)
+    with pytest.raises(Exception, match="num_hidden"):
+        nfcv.build_model(
+            nfcv.compose(
+                ["model.coupling=naf", f"model.choices.coupling.naf.num_hidden={num_hidden}"]
+            )
+        )
+
+
+def test_glow_with_naf_coupling_gives_finite_bpd_and_round_trips():
+    model = nfcv.build_model(nfcv.compose(["model.coupling=naf"]))
+    model.train()
+    x = torch.randint(0, 17, (8, 1, 8, 8))
+    bpd = model.bits_per_dim(x)  # also ActNorm's data-dependent init
+    assert torch.isfinite(bpd).all() and (bpd > 0).all()
+    model.eval()
+    u = torch.rand(4, 1, 8, 8)
+    eps, _ = model.transform(u)
+    torch.testing.assert_close(model.inverse(eps), u, atol=1e-4, rtol=0)
 
 
 def test_catalogue_names_and_unknown_name():

@@ -29,6 +29,7 @@ VARIANTS = [
     ["model.coupling=spline"],
     # The inverse is bisection: ask for a tolerance below the float64 check's 1e-10.
     ["model.coupling=mixlogcdf", "model.choices.coupling.mixlogcdf.tol=1e-12"],
+    ["model.coupling=naf", "model.choices.coupling.naf.tol=1e-12"],
     *[
         [f"model.permutation={p}"]
         for p in ("plain", "triangular", "reverse", "shuffle", "periodic")

@@ -16,6 +16,7 @@ COUPLINGS = [
     ("additive_coupling", {}),
     ("spline_coupling", {}),
     ("mixlogcdf_coupling", {}),
+    ("naf_coupling", {}),
 ]
 
 

@@ -9,6 +9,7 @@ from nfcv.flows.coupling import (
     AdditiveCoupling,
     AffineCoupling,
     MixLogCDFCoupling,
+    NAFCoupling,
     SplineCoupling,
 )
 from nfcv.flows.elementwise import LogisticToNormal, Logit, Shift, Sigmoid
@@ -55,6 +56,7 @@ __all__ = [
     "MaskedAffineAutoregressive",
     "MixLogCDFCoupling",
     "MultiScale",
+    "NAFCoupling",
     "NICE",
     "PeriodicConv",
     "RealNVP",

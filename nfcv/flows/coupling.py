@@ -1,11 +1,13 @@
 """Coupling layers: additive (NICE, Dinh et al. 2014, arXiv:1410.8516), affine (RealNVP, Dinh et
 al. 2016, arXiv:1605.08803; Glow's variant, arXiv:1807.03039), rational-quadratic spline (Durkan
-et al. 2019, arXiv:1906.04032) and mixture-of-logistics CDF (Flow++, Ho et al. 2019,
-arXiv:1902.00275), each with a channel mask or a checkerboard mask and any coupling network.
+et al. 2019, arXiv:1906.04032), mixture-of-logistics CDF (Flow++, Ho et al. 2019,
+arXiv:1902.00275) and deep sigmoidal flow (NAF, Huang et al. 2018, arXiv:1804.00779), each with a
+channel mask or a checkerboard mask and any coupling network.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,6 +17,8 @@ from torch import Tensor, nn
 
 from nfcv.flows.base import Bijector, check_channels, sum_except_batch
 from nfcv.flows.splines import (
+    deep_sigmoidal_flow,
+    deep_sigmoidal_flow_inverse,
     mixture_logistic_logit,
     mixture_logistic_logit_inverse,
     rational_quadratic_spline,
@@ -28,6 +32,8 @@ SIGMOID_SCALE_SHIFT = 2.0
 # Flow++ keeps mixture log-scales above -7 (arXiv:1902.00275 code): narrower logistics make the
 # CDF a near step whose inverse bisection cannot resolve. The upper bound keeps exp finite.
 MIN_LOG_SCALE, MAX_LOG_SCALE = -7.0, 7.0
+# softplus(SOFTPLUS_ONE) = 1: a zero network output gives the DSF slope a = 1.
+SOFTPLUS_ONE = math.log(math.expm1(1.0))
 
 
 def checkerboard(height: int, width: int, parity: int, like: Tensor) -> Tensor:
@@ -242,3 +248,57 @@ class MixLogCDFCoupling(Coupling):
         x = mixture_logistic_logit_inverse(y, logits, means, log_scales, tol=self.tol)
         _, log_dy = mixture_logistic_logit(x, logits, means, log_scales)
         return x, -(log_dy + a)
+
+
+class NAFCoupling(Coupling):
+    """NAF's coupling (Huang et al. 2018, arXiv:1804.00779, section 3.3): each transformed
+    element goes through its own deep sigmoidal flow with `num_hidden` units K,
+    ``T(v) = logit(sum_k w_k sigmoid(a_k v + b_k))``, a bijection of the real line whose 3K
+    pseudo-parameters per element come from the network: ``a = softplus(.)`` (clamped to [e^-7,
+    e^7], the range Flow++ allows its logistics' inverse scales), ``w = softmax(.)`` and b.
+
+    A zero network output gives a = 1, b = 0 and uniform w: every unit is sigmoid(v), whose
+    logit is v, so the coupling starts as the identity. The units would then also stay
+    identical (every unit gets the same gradient, and K identical units are one unit, an
+    affine map), so b_k is the network output times a fixed gain from 0.5 to 1.5 per unit:
+    still b = 0 at the start, different units after the first step. The inverse solves T by
+    bisection to `tol` in v (no gradient flows through that root; a last Newton step carries
+    it), or to the dtype's resolution where that is coarser.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        net: NetFactory,
+        num_hidden: int = 8,
+        tol: float = 1e-6,
+        mask: str = "channel",
+        parity: int = 0,
+        net_kwargs: dict | None = None,
+    ):
+        if not isinstance(num_hidden, int) or isinstance(num_hidden, bool) or num_hidden < 1:
+            raise ValueError(
+                f"num_hidden (DSF units per element) must be an integer >= 1, got {num_hidden!r}"
+            )
+        if not tol > 0:
+            raise ValueError(f"tol (the inverse's bisection tolerance) must be > 0, got {tol!r}")
+        self.params_per_element = 3 * num_hidden
+        self.num_hidden = num_hidden
+        self.tol = tol
+        super().__init__(num_channels, net, mask, parity, net_kwargs)
+        gains = torch.linspace(0.5, 1.5, num_hidden) if num_hidden > 1 else torch.ones(1)
+        # Not in the state dict: fixed by num_hidden, like the mask.
+        self.register_buffer("offset_gains", gains, persistent=False)
+
+    def _elementwise(self, v, p, inverse):
+        k = self.num_hidden
+        slope = F.softplus(p[..., :k] + SOFTPLUS_ONE)
+        # Clamp before the log: softplus(-1e4) is 0 in float32 and log 0 would poison gradients.
+        log_a = torch.log(slope.clamp(math.exp(MIN_LOG_SCALE), math.exp(MAX_LOG_SCALE)))
+        b = p[..., k : 2 * k] * self.offset_gains
+        log_w = torch.log_softmax(p[..., 2 * k :], dim=-1)
+        if not inverse:
+            return deep_sigmoidal_flow(v, log_w, log_a, b)
+        x = deep_sigmoidal_flow_inverse(v, log_w, log_a, b, tol=self.tol)
+        _, log_dy = deep_sigmoidal_flow(x, log_w, log_a, b)
+        return x, -log_dy
