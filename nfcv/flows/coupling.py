@@ -262,8 +262,9 @@ class NAFCoupling(Coupling):
     identical (every unit gets the same gradient, and K identical units are one unit, an
     affine map), so b_k is the network output times a fixed gain from 0.5 to 1.5 per unit:
     still b = 0 at the start, different units after the first step. The inverse solves T by
-    bisection to `tol` in v (no gradient flows through that root; a last Newton step carries
-    it), or to the dtype's resolution where that is coarser.
+    bisection (`splines.invert_increasing`) to a bracket `tol` wide in v (default 1e-6), or to
+    the dtype's resolution where that is coarser; the root carries gradients by the implicit
+    function theorem.
     """
 
     def __init__(
