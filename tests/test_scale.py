@@ -230,3 +230,37 @@ def test_local_submitit_sweep_reports_each_job_and_names_the_failed_one(tmp_path
     rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == {"0", "1", "2"}
     assert "completed" in rows["0"] and "failed" in rows["2"]
+
+
+def test_a_requeued_sweep_job_continues_from_its_folder(tmp_path):
+    """SLURM requeues a job into its own sweep folder: with resume unset, a job under -m runs
+    with resume=auto, so the second start continues from last.ckpt (to step 4) where it used to
+    refuse the folder as holding a run. An explicit resume=null-like choice (resume=false) is
+    not overridden."""
+
+    def sweep(steps: int, *extra: str) -> subprocess.CompletedProcess:
+        args = [
+            "-m",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            *_tiny_overrides(**{"trainer.max_steps": str(steps)}),
+            *extra,
+        ]
+        return subprocess.run(
+            [str(BIN / "nfcv-train"), *args],
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    first = sweep(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = sweep(4)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status = json.loads((tmp_path / "sweep" / "0" / "status.json").read_text())
+    assert status["status"] == "completed" and status["steps"] == 4, status
+    refused = sweep(6, "resume=false")
+    status = json.loads((tmp_path / "sweep" / "0" / "status.json").read_text())
+    assert refused.returncode != 0 and status["status"] == "failed"
+    assert "already holds a run" in status["error"]

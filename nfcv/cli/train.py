@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,11 @@ def _main(cfg: DictConfig) -> float:
     # In a sweep one failing job must not stop the others: record the failure in the job's
     # status.json (with its log) and return; the sweep's report names the failed jobs at the end.
     run_dir = run_dir_now()
+    if cfg.get("resume") is None:
+        # A job's folder is its own (hydra.sweep.subdir), and SLURM may requeue the job into it
+        # after a timeout or preemption: it continues from last.ckpt there instead of refusing a
+        # folder that holds a run. An explicit resume=... is kept.
+        cfg.resume = "auto"
     try:
         summary = train(cfg, run_dir=run_dir)
     except (Exception, SystemExit) as err:
@@ -70,8 +76,63 @@ def _main(cfg: DictConfig) -> float:
     return summary.get("test_bpd", math.nan)
 
 
+# The groups a user picks with GROUP=OPTION, in the order of train.yaml's defaults (the rest of
+# the tree, layer/ and the typed schemas, is what these are built from).
+USER_GROUPS = (
+    ("model", "the flow"),
+    ("data", "the dataset"),
+    ("dequant", "dequantization"),
+    ("optim", "optimizer and schedule"),
+    ("trainer", "Lightning Trainer: device, steps, precision, DDP"),
+    ("callbacks", "the run's callbacks (checkpoints, grids, guard...)"),
+    ("logger", "the run's logger"),
+    ("experiment", "a paper's or a benchmark's settings (none by default)"),
+    ("hydra/launcher", "where the jobs of -m run (the cluster extra)"),
+)
+
+
+def help_text() -> str:
+    """``nfcv-train --help``: usage and the options of each group, read from the packaged
+    configs so the list is always the installed one."""
+    import importlib.resources
+
+    root = importlib.resources.files("nfcv.configs")
+    lines = [
+        "nfcv-train: train a normalizing flow on images by maximum likelihood, then test the",
+        "checkpoint with the best validation bits per dim.",
+        "",
+        "usage: nfcv-train [GROUP=OPTION ...] [KEY=VALUE ...]",
+        "       nfcv-train -m [GROUP=A,B ...] [KEY=V1,V2 ...]   a sweep: a job per combination",
+        "",
+        "  nfcv-train                                       Glow on the embedded 8x8 digits",
+        "  nfcv-train model=glow data=cifar10 trainer=gpu",
+        "  nfcv-train experiment=glow_cifar10 trainer=gpu   the paper's setup",
+        "  nfcv-train hydra.run.dir=RUN resume=auto         continue run RUN",
+        "",
+        "groups (GROUP=OPTION):",
+    ]
+    for group, what in USER_GROUPS:
+        folder = root.joinpath(*group.split("/"))
+        options = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml"))
+        lines.append(f"  {group:<15} {what}")
+        lines += textwrap.wrap(
+            ", ".join(options), 99, initial_indent=" " * 20, subsequent_indent=" " * 20
+        )
+    lines += [
+        "",
+        "keys: any key of the composed config, e.g. model.hidden=64 optim.optimizer.lr=3e-4",
+        "      trainer.max_steps=10000 seed=1 (nfcv-train --cfg job prints them all)",
+        "then: nfcv-sample ckpt=RUN, nfcv-eval ckpt=RUN, nfcv-export ckpt=RUN",
+        "Hydra's own options: nfcv-train --hydra-help",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """nfcv-train."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     with user_errors():
         check_arguments(sys.argv[1:])
     _main()
