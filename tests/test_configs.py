@@ -133,3 +133,42 @@ def test_sample_and_eval_configs_compose():
     for name in ("sample", "eval", "export"):
         cfg = nfcv.compose(["ckpt=x.ckpt"], config_name=name)
         assert cfg.ckpt == "x.ckpt"
+
+
+def test_nfcv_train_help_is_nfcvs_own_and_lists_the_groups_a_user_picks():
+    """`nfcv-train --help` is nfcv's usage with each group's options read from the packaged
+    configs (every file of the group), not Hydra's page with the internal schema/ groups."""
+    import importlib.resources
+
+    from nfcv.cli.train import USER_GROUPS, help_text
+
+    text = help_text()
+    assert text.startswith("nfcv-train:") and "powered by Hydra" not in text
+    assert "schema" not in text and "--hydra-help" in text
+    root = importlib.resources.files("nfcv.configs")
+    for group, _ in USER_GROUPS:
+        assert f"  {group} " in text
+        for f in root.joinpath(*group.split("/")).iterdir():
+            if f.name.endswith(".yaml"):
+                assert f.name[:-5] in text, (group, f.name)
+    assert all(len(line) <= 99 for line in text.splitlines())
+
+
+def test_the_run_says_what_it_built_and_where_the_papers_setup_is():
+    import lightning as L
+
+    from nfcv.config import resolve
+    from nfcv.training.run import paper_setup, what_was_built
+
+    cpu_sized = resolve(nfcv.compose(["data=cifar10"]))
+    assert paper_setup(cpu_sized) == "glow_cifar10"
+    assert paper_setup(resolve(nfcv.compose(["experiment=glow_cifar10"]))) is None
+    assert paper_setup(resolve(nfcv.compose([]))) is None  # no experiment for the digits
+    cfg = resolve(nfcv.compose(["model.hidden=8", "model.steps=1"]))
+    model = nfcv.build_model(cfg)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    line = what_was_built(cfg, model, trainer)
+    params = sum(p.numel() for p in model.parameters())
+    assert line.startswith("nfcv: glow (levels=2, steps=1, hidden=8) on digits 1x8x8: ")
+    assert f"{params:,} parameters; cpu, precision 32-true" in line
+    assert "paper" not in line

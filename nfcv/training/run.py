@@ -232,6 +232,43 @@ def train(
         raise
 
 
+def paper_setup(cfg: Mapping[str, Any]) -> str | None:
+    """The packaged experiment for this preset and dataset (``experiment=glow_cifar10`` for
+    ``model=glow data=cifar10``) when the run's model differs from it, else None: the commands
+    users type first build the CPU-sized presets, and should say where the paper's sizes are."""
+    import importlib.resources
+
+    from omegaconf import OmegaConf
+
+    name = f"{cfg['model'].get('name')}_{cfg['data'].get('name')}"
+    path = importlib.resources.files("nfcv.configs").joinpath("experiment", f"{name}.yaml")
+    if not path.is_file():
+        return None
+    pinned = OmegaConf.to_container(OmegaConf.create(path.read_text())).get("model") or {}
+    differs = [
+        k for k, v in pinned.items() if not isinstance(v, dict) and cfg["model"].get(k) != v
+    ]
+    return name if differs else None
+
+
+def what_was_built(cfg: Mapping[str, Any], model: Any, trainer: L.Trainer) -> str:
+    """One line before training: preset, its size, dataset, parameters, device and precision
+    (and the paper's setup, when the run is not it)."""
+    m = cfg["model"]
+    size = ", ".join(f"{k}={m[k]}" for k in ("levels", "steps", "hidden") if k in m)
+    params = sum(p.numel() for p in model.parameters())
+    shape = "x".join(str(s) for s in cfg["data"].get("image_shape", ()))
+    line = (
+        f"nfcv: {m.get('name')} ({size}) on {cfg['data'].get('name')} {shape}: {params:,} "
+        f"parameters; {trainer.strategy.root_device}, precision {trainer.precision}, "
+        f"{trainer.world_size} process(es)"
+    )
+    paper = paper_setup(cfg)
+    if paper is not None:
+        line += f". The paper's setup: experiment={paper}"
+    return line
+
+
 def _train(
     cfg: DictConfig, run_dir: Path, callbacks: Sequence[L.Callback], resume_from: str | None
 ) -> dict:
@@ -277,6 +314,8 @@ def _train(
         # while writing last.ckpt leaves the previous one whole.
         plugins=[AtomicCheckpointIO()],
     )
+    if trainer.is_global_zero:
+        log.info(what_was_built(plain_cfg, module.model, trainer))
     try:
         # weights_only=True: a checkpoint to resume from is read as tensors and plain
         # containers, never unpickled (the same reader as nfcv.load's).
