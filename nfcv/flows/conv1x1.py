@@ -222,7 +222,12 @@ class BlockInvConv1x1(_Conv1x1Base):
     def __init__(self, num_channels: int, groups: int = 2, init_noise: float = 1e-3):
         super().__init__(num_channels)
         if groups < 1 or num_channels % groups:
-            raise ValueError(f"{num_channels} channels do not split into {groups} groups")
+            fits = [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+            raise ValueError(
+                f"block-diagonal 1x1 conv (BlockInvConv1x1): {num_channels} channels do not "
+                f"split into groups={groups} blocks of equal size; groups must divide the "
+                f"channel count: one of {fits}"
+            )
         self.groups = groups
         c = num_channels // groups
         self.w = nn.Parameter(
