@@ -35,8 +35,12 @@ def build_layer(name: str, shape: Sequence[int], **overrides: Any) -> Bijector:
 
     Keyword arguments override the layer's config, e.g. ``build_layer("spline_coupling",
     (4, 8, 8), num_bins=16)``. The shape is checked against the layer before it is returned.
+    A config with ``spatial: null`` (``full_linear``, whose parameters depend on H and W, not
+    only on C) is sized to the input: `spatial` becomes (H, W) of `shape`.
     """
     cfg = OmegaConf.merge(layer_config(name), overrides)
+    if "spatial" in cfg and cfg.spatial is None:
+        cfg.spatial = [int(s) for s in shape[1:]]
     made = build(cfg, source=f"layer {name!r}")
     layer = made if isinstance(made, Bijector) else made(int(shape[0]))
     layer.output_shape(tuple(int(s) for s in shape))

@@ -15,7 +15,7 @@ from nfcv.flows.coupling import (
 from nfcv.flows.elementwise import LogisticToNormal, Logit, Shift, Sigmoid
 from nfcv.flows.ffjord import FFJORD
 from nfcv.flows.hint import HINTCoupling
-from nfcv.flows.linear import DiagAffine, PeriodicConv
+from nfcv.flows.linear import DiagAffine, EmergingConv, FullLinear, PeriodicConv
 from nfcv.flows.multiscale import (
     ColumnMerge,
     ColumnSplit,
@@ -40,10 +40,12 @@ __all__ = [
     "ColumnMerge",
     "ColumnSplit",
     "DiagAffine",
+    "EmergingConv",
     "FFJORD",
     "Flatten",
     "FlowPP",
     "FlowppNet",
+    "FullLinear",
     "GlowNet",
     "HINTCoupling",
     "InvConv1x1",
