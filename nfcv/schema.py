@@ -132,6 +132,8 @@ class NICESchema(ModelSchema):
     layers: int = 4
     prior: str = "logistic"  # logistic | gaussian
     data_init: bool = True
+    linear: str = "none"  # none | full_linear: a linear flow before every coupling
+    choices: Any = MISSING  # the catalogue layers `linear` picks from
 
 
 @dataclass

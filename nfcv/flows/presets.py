@@ -114,7 +114,12 @@ class NICE(Sequential):
     couplings on alternating odd/even partitions, a final diagonal scaling, and the prior:
     ``"gaussian"``, or ``"logistic"`` (the paper's, folded in by `LogisticToNormal` so the base
     stays N(0, I)). No multi-scale. `data_init` initialises the scaling from the first batch
-    (see `VectorScale`)."""
+    (see `VectorScale`).
+
+    `linear` (not in the paper): a factory ``linear(D)`` of a linear flow on the flat (D,)
+    vector, e.g. `FullLinear`, put before every coupling, so which elements condition which is
+    learned rather than only the fixed odd/even alternation (as Glow's 1x1 convolutions
+    generalise RealNVP's fixed permutations, arXiv:1807.03039, section 3.2)."""
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class NICE(Sequential):
         num_couplings: int = 4,
         prior: str = "logistic",
         data_init: bool = True,
+        linear: Callable[[int], Bijector] | None = None,
     ):
         if prior not in ("gaussian", "logistic"):
             raise ValueError(f"NICE prior must be 'gaussian' or 'logistic', got {prior!r}")
@@ -131,7 +137,10 @@ class NICE(Sequential):
         image_shape = tuple(int(s) for s in image_shape)
         dim = int(torch.tensor(image_shape).prod())
         layers: list[Bijector] = [Flatten(image_shape)]
-        layers += [VectorAdditiveCoupling(dim, net, parity=i % 2) for i in range(num_couplings)]
+        for i in range(num_couplings):
+            if linear is not None:
+                layers.append(linear(dim))
+            layers.append(VectorAdditiveCoupling(dim, net, parity=i % 2))
         layers.append(VectorScale(dim, data_init=data_init))
         if prior == "logistic":
             layers.append(LogisticToNormal())
