@@ -371,11 +371,13 @@ def _train(
     }
     if trainer.is_global_zero:
         write_status(run_dir, "completed", summary)
+        rate = summary["train_images_per_second"]
+        # Timed after the first steps only (TrainSpeed's warm-up): a run that short has no figure.
+        rate = f"{rate:.0f} training img/s" if math.isfinite(rate) else "too short to time"
         print(
             f"\nnfcv: {cfg.model.name} on {cfg.data.name}: test bpd {test_bpd:.4f} "
             f"(best val bpd {summary['best_val_bpd']:.4f}, {summary['steps']} steps, "
-            f"{summary['total_seconds']:.0f} s, {summary['train_images_per_second']:.0f} "
-            "training img/s)\n"
+            f"{summary['total_seconds']:.0f} s, {rate})\n"
             f"  run folder:  {run_dir}\n"
             f"  checkpoint:  {best}\n"
             f"  last:        {last}\n"
