@@ -177,3 +177,23 @@ def test_nice_with_full_linear_builds_and_inverts():
     # The default NICE has none.
     plain = nfcv.build_model(nfcv.compose(["model=nice"]))
     assert not any(isinstance(m, FullLinear) for m in plain.modules())
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [["model.permutation=emerging"], ["model=nice", "model.linear=full_linear"]],
+    ids=["glow_emerging", "nice_full_linear"],
+)
+def test_train_save_and_load_on_digits(tmp_path, tiny, choice):
+    from nfcv.training.run import train
+
+    overrides = tiny()
+    if "model=nice" in choice:  # NICE has no levels or steps
+        overrides = [o for o in overrides if not o.startswith(("model.steps", "model.levels"))]
+    summary = train(nfcv.compose([*overrides, *choice]), run_dir=tmp_path / "run")
+    assert summary["steps"] == 4
+    assert 0 < summary["test_bpd"] < 6
+    loaded = nfcv.load(summary["best_ckpt"])
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.inverse(loaded.transform(x)[0]), x, atol=1e-4, rtol=0)
