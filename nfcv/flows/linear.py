@@ -300,8 +300,8 @@ class EmergingConv(Bijector):
         if self.factor_size > min(h, w):
             raise ValueError(
                 f"emerging_conv kernel_size={self.kernel_size} does not fit the {h}x{w} input "
-                f"of shape {tuple(shape)}: its taps reach {self.factor_size - 1} pixels from "
-                f"the centre, past the image at every position. Use an odd kernel_size <= "
+                f"of shape {tuple(shape)}: its outermost taps, {self.factor_size - 1} pixels from "
+                f"the centre, would read only the zero padding. Use an odd kernel_size <= "
                 f"{2 * min(h, w) - 1} (2 min(H, W) - 1), e.g. "
                 "model.choices.permutation.emerging.kernel_size=..., or fewer levels"
             )
