@@ -25,7 +25,8 @@ echo "== benchmark: Glow on Fashion-MNIST, 600 steps"
 /usr/bin/time -f "wall %e s" nfcv-train experiment=glow_fashion_mnist "data.root=$fashion_root" \
   trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|img/s|wall"
 for args in "model=flowpp dequant=variational" "model=flowpp" "model=realnvp" "model=nice" \
-  "model.coupling=spline" "model.coupling=naf"; do
+  "model.coupling=spline" "model.coupling=naf" "model.permutation=emerging" \
+  "model=nice model.linear=full_linear"; do
   echo "== digits: nfcv-train $args"
   # shellcheck disable=SC2086
   /usr/bin/time -f "wall %e s" nfcv-train $args trainer.enable_progress_bar=false 2>&1 |
