@@ -2,7 +2,7 @@
 # Reproduces the README's results table on this machine: the default run (Glow on the embedded
 # digits), the other presets on the same data, and the foundation benchmark (Glow on
 # Fashion-MNIST, 600 steps). Prints the summary line of each run; the figures in the README come
-# from this script (about 20 minutes on 2 idle cores).
+# from this script (about 25 minutes on 2 idle cores).
 #   bash scripts/reproduce_results.sh FASHION_MNIST_ROOT
 #   NFCV_DATA=FASHION_MNIST_ROOT bash scripts/reproduce_results.sh
 # FASHION_MNIST_ROOT: the folder of the four original Fashion-MNIST .gz files (or torchvision's
