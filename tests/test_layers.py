@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nfcv
+from nfcv.errors import ConfigError
 from nfcv.flows import (
     MLP,
     NICE,
@@ -465,7 +466,7 @@ def test_naf_units_separate_in_training():
 def test_naf_refuses_fewer_than_one_hidden_unit(num_hidden):
     with pytest.raises(ValueError, match="num_hidden"):
         nfcv.build_layer("naf_coupling", (4, 4, 4), num_hidden=num_hidden)
-    with pytest.raises(Exception, match="num_hidden"):
+    with pytest.raises(ConfigError, match="num_hidden"):
         nfcv.build_model(
             nfcv.compose(
                 ["model.coupling=naf", f"model.choices.coupling.naf.num_hidden={num_hidden}"]
