@@ -31,7 +31,8 @@ def layer_config(name: str) -> DictConfig:
 
 
 def build_layer(name: str, shape: Sequence[int], **overrides: Any) -> Bijector:
-    """Build catalogue layer `name` for inputs of per-sample shape (C, H, W).
+    """Build catalogue layer `name` for inputs of per-sample shape (C, H, W), or (N, D) for the
+    token layers of the transformer flows (N tokens of D values, what ``patchify`` outputs).
 
     Keyword arguments override the layer's config, e.g. ``build_layer("spline_coupling",
     (4, 8, 8), num_bins=16)``. The shape is checked against the layer before it is returned.
@@ -42,6 +43,8 @@ def build_layer(name: str, shape: Sequence[int], **overrides: Any) -> Bijector:
     if "spatial" in cfg and cfg.spatial is None:
         cfg.spatial = [int(s) for s in shape[1:]]
     made = build(cfg, source=f"layer {name!r}")
-    layer = made if isinstance(made, Bijector) else made(int(shape[0]))
+    # A partial config is completed with the channel count C, or with (N, D) for tokens.
+    sizes = [int(s) for s in shape] if len(shape) == 2 else [int(shape[0])]
+    layer = made if isinstance(made, Bijector) else made(*sizes)
     layer.output_shape(tuple(int(s) for s in shape))
     return layer

@@ -615,3 +615,17 @@ def test_ffjord_evaluates_without_autograd_contexts(mode):
     torch.testing.assert_close(z, ref_z.detach())
     torch.testing.assert_close(logdet, ref_logdet.detach())
     torch.testing.assert_close(x_rec, x, atol=1e-5, rtol=0)
+
+
+def test_patchify_layout_and_errors():
+    """Token n is the patch at grid row n // (W/p), column n % (W/p); its values run over the
+    patch's rows, columns, then channels. Sizes the patch does not divide are refused."""
+    layer = nfcv.build_layer("patchify", (2, 4, 6), patch_size=2)
+    x = torch.randn(1, 2, 4, 6)
+    z, logdet = layer(x)
+    assert z.shape == (1, 6, 8) and not logdet.any()
+    # token 4: grid row 1, column 1 -> pixels (2..3, 2..3)
+    expected = x[0, :, 2:4, 2:4].permute(1, 2, 0).reshape(-1)
+    assert torch.equal(z[0, 4], expected)
+    with pytest.raises(ValueError, match="does not divide the image size 5x6"):
+        nfcv.build_layer("patchify", (2, 5, 6))

@@ -27,6 +27,7 @@ from nfcv.flows.multiscale import (
     SwapHalves,
 )
 from nfcv.flows.nets import MLP, FlowppNet, GlowNet, ResNetNet, ZeroConv2d
+from nfcv.flows.patch import Patchify
 from nfcv.flows.permute import ChannelPermutation
 from nfcv.flows.presets import NICE, FlowPP, RealNVP, VectorAdditiveCoupling, VectorScale
 
@@ -60,6 +61,7 @@ __all__ = [
     "MultiScale",
     "NAFCoupling",
     "NICE",
+    "Patchify",
     "PeriodicConv",
     "RealNVP",
     "ResNetNet",
