@@ -36,11 +36,20 @@ class ClassConditionalPrior(nn.Module):
         self.embed = nn.Embedding(self.num_classes, 2 * self.channels)
         nn.init.zeros_(self.embed.weight)
 
-    def _params(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y = torch.as_tensor(y, device=self.embed.weight.device).long()
+    def check_labels(self, y: Tensor) -> None:
+        """Raise unless `y` is a (B,) tensor of class indices in range (reads them on the host:
+        done once by callers that validate, not in every training step)."""
+        y = torch.as_tensor(y)
         if y.dim() != 1 or (y.numel() and (y.min() < 0 or y.max() >= self.num_classes)):
             raise ValueError(
                 f"labels must be a (B,) tensor of class indices in [0, {self.num_classes - 1}]"
+            )
+
+    def _params(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.as_tensor(y, device=self.embed.weight.device).long()
+        if y.dim() != 1:
+            raise ValueError(
+                f"labels must be a (B,) tensor of class indices, got shape {tuple(y.shape)}"
             )
         h = self.embed(y)
         mean, log_sigma = h[:, : self.channels], h[:, self.channels :]
@@ -49,14 +58,18 @@ class ClassConditionalPrior(nn.Module):
             log_sigma = log_sigma.repeat_interleave(self.positions, dim=1)
         return mean, log_sigma
 
-    def log_prob(self, z: Tensor, y: Tensor) -> Tensor:
-        """log N(z; mu_y, sigma_y^2) per sample, `z` the flat top block (B, prod(shape))."""
+    def log_prob(self, z: Tensor, y: Tensor, check: bool = True) -> Tensor:
+        """log N(z; mu_y, sigma_y^2) per sample, `z` the flat top block (B, prod(shape)).
+        `check=False` skips the label-range check (`ImageFlow` checks labels where they enter)."""
+        if check:
+            self.check_labels(y)
         mean, log_sigma = self._params(y)
         e = (z - mean.to(z.dtype)) * torch.exp(-log_sigma.to(z.dtype))
         return standard_normal_log_prob(e) - log_sigma.to(z.dtype).sum(1)
 
     def to_latent(self, eps: Tensor, y: Tensor) -> Tensor:
         """``mu_y + sigma_y * eps``: a standard normal draw of the top block made class-y."""
+        self.check_labels(y)
         mean, log_sigma = self._params(y)
         return mean.to(eps.dtype) + torch.exp(log_sigma.to(eps.dtype)) * eps
 
@@ -191,7 +204,9 @@ class ImageFlow(nn.Module):
                 f"got an empty batch (shape {tuple(x.shape)}): pass one image or more"
             )
 
-    def _check_labels(self, labels: Tensor | None, batch: int) -> None:
+    def _check_labels(self, labels: Tensor | None, batch: int, values: bool = True) -> None:
+        """Labels only for a class-conditional model, one per image; with `values`, each a class
+        index in range (a host read of the labels: skipped in training steps after the first)."""
         if labels is None:
             return
         if self.class_prior is None:
@@ -204,6 +219,8 @@ class ImageFlow(nn.Module):
                 f"labels must be a ({batch},) tensor of class indices, one per image, got shape "
                 f"{tuple(labels.shape)}"
             )
+        if values:
+            self.class_prior.check_labels(labels)
 
     def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images in [0, 1] -> (eps of shape (B, D), log|det d eps / dx| of shape (B,))."""
@@ -236,7 +253,7 @@ class ImageFlow(nn.Module):
             raise ValueError(
                 "this model is class-conditional (its densities are p(x | y)): pass the labels"
             )
-        return [*out, self.class_prior.log_prob(blocks[-1], labels)]
+        return [*out, self.class_prior.log_prob(blocks[-1], labels, check=False)]
 
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Continuous log-density of images in [0, 1]^D, in nats, shape (B,); ``p(x | y)`` for a
@@ -315,11 +332,12 @@ class ImageFlow(nn.Module):
         self, x_int: Tensor, k: int = 1, check: bool = True, labels: Tensor | None = None
     ) -> None:
         """The checks of `bits_per_dim`: a non-empty batch of real images of the model's shape,
-        `k`, labels only for a class-conditional model, and (with `check`) the pixel range."""
+        `k`, labels only for a class-conditional model, and (with `check`) the pixel range and
+        the label values."""
         self._check_images(x_int)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        self._check_labels(labels, x_int.shape[0])
+        self._check_labels(labels, x_int.shape[0], values=check)
         if check:
             self.check_range(x_int)
 
@@ -343,8 +361,14 @@ class ImageFlow(nn.Module):
             ys = labels.to(x.device).repeat(m) if labels is not None and m > 1 else labels
             y, log_q = self.dequantizer(xs, self.num_bins)
             eps, logdet = self.transform(y)
-            yield m, LogWeightParts(
-                self.latent_log_probs(eps, ys), logdet, log_q, self.dim * math.log(self.num_bins)
+            yield (
+                m,
+                LogWeightParts(
+                    self.latent_log_probs(eps, ys),
+                    logdet,
+                    log_q,
+                    self.dim * math.log(self.num_bins),
+                ),
             )
 
     def log_weights(self, x_int: Tensor, labels: Tensor | None = None) -> Tensor:

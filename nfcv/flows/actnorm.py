@@ -13,7 +13,33 @@ from nfcv.flows.base import Bijector, check_channels
 MIN_INIT_STD = 1e-6
 
 
-class ActNorm(Bijector):
+class DataInit(nn.Module):
+    """A layer initialised from the first training batch it sees, with the flag kept twice: the
+    `initialized` buffer (saved in checkpoints, so a reloaded model never initialises again) and
+    a host-side copy that `needs_init` reads, so asking costs no device-to-host copy in a
+    training step (``bool(buffer)`` on a GPU would stall the queue in every forward). The host
+    copy is set from the buffer when the layer is built and when a state dict is loaded, and by
+    `_mark_initialized`; write the flag through those, never into the buffer directly."""
+
+    def _init_flag(self, value: bool) -> None:
+        self.register_buffer("initialized", torch.tensor(bool(value)))
+        self._initialized_host = bool(value)
+        self.register_load_state_dict_post_hook(DataInit._reread_flag)
+
+    @staticmethod
+    def _reread_flag(module: DataInit, incompatible_keys) -> None:
+        module._initialized_host = bool(module.initialized)  # at load time, not in a step
+
+    def needs_init(self) -> bool:
+        """In training mode and not yet initialised (no device read)."""
+        return self.training and not self._initialized_host
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._initialized_host = True
+
+
+class ActNorm(Bijector, DataInit):
     """Per-channel affine map ``z = (x + loc) * exp(log_scale)``.
 
     With `spatial` (H, W) the map has its own loc and scale at every channel and position, with
@@ -34,7 +60,7 @@ class ActNorm(Bijector):
         h, w = self.spatial or (1, 1)
         self.loc = nn.Parameter(torch.zeros(1, num_channels, h, w))
         self.log_scale = nn.Parameter(torch.zeros(1, num_channels, h, w))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._init_flag(False)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -53,14 +79,14 @@ class ActNorm(Bijector):
         log_scale = torch.where(std > MIN_INIT_STD, -torch.log(std), torch.zeros_like(std))
         self.loc.copy_((-mean).view_as(self.loc))
         self.log_scale.copy_(log_scale.view_as(self.log_scale))
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def _logdet(self, x: Tensor) -> Tensor:
         positions = 1 if self.spatial is not None else x.shape[2] * x.shape[3]
         return (positions * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.needs_init():
             self.initialize(x)
         return (x + self.loc) * torch.exp(self.log_scale), self._logdet(x)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from nfcv.flows.actnorm import MIN_INIT_STD, ActNorm
+from nfcv.flows.actnorm import MIN_INIT_STD, ActNorm, DataInit
 from nfcv.flows.base import Bijector, Flatten, Sequential, Shape, zero_logdet
 from nfcv.flows.conv1x1 import BlockInvConv1x1
 from nfcv.flows.elementwise import LogisticToNormal
@@ -75,7 +75,7 @@ class VectorAdditiveCoupling(Bijector):
         return _check_dim(self, shape, self.dim)
 
 
-class VectorScale(Bijector):
+class VectorScale(Bijector, DataInit):
     """NICE's diagonal scaling layer ``z = x * exp(s)`` (arXiv:1410.8516, section 3.3): one learned
     log-scale per dimension, log-det ``sum(s)``. Starts as the identity, or, with `data_init`,
     at ``s = -log std`` of the first training batch (dimensions constant in that batch keep
@@ -88,17 +88,17 @@ class VectorScale(Bijector):
         self.dim = dim
         self.data_init = bool(data_init)
         self.log_scale = nn.Parameter(torch.zeros(dim))
-        self.register_buffer("initialized", torch.tensor(not self.data_init))
+        self._init_flag(not self.data_init)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         std = x.detach().double().std(dim=0) if x.shape[0] > 1 else torch.zeros(self.dim)
         log_scale = torch.where(std > MIN_INIT_STD, -torch.log(std), torch.zeros_like(std))
         self.log_scale.copy_(log_scale)
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.needs_init():
             self.initialize(x)
         return x * torch.exp(self.log_scale), self.log_scale.sum().expand(x.shape[0])
 

@@ -41,6 +41,18 @@ def _finite(tensors) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def _all_finite(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """A device flag: the loss and every gradient are finite. The gradients' largest absolute
+    value (one fused pass over all of them) is finite exactly when each gradient is, NaN
+    included; nothing is read on the host here."""
+    flags = []
+    if loss is not None:
+        flags.append(torch.isfinite(loss).all())
+    if grads:
+        flags.append(torch.isfinite(torch.nn.utils.get_total_norm(grads, float("inf"))))
+    return torch.stack(flags).all() if flags else None
+
+
 class NumericalGuard(L.Callback):
     """Skip steps with a non-finite loss or gradient; roll back after `max_bad_steps` in a row;
     stop after `max_rollbacks` rollbacks. See the module docstring."""
@@ -105,14 +117,18 @@ class NumericalGuard(L.Callback):
                 self._snapshot = copy.deepcopy(self._snapshot)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # One device-to-host read per step, the decision itself: the checks and (under DDP) the
+        # agreement between ranks run on the device.
         params = [p for group in optimizer.param_groups for p in group["params"]]
         loss, self._loss = self._loss, None
-        ok = loss is None or _finite([loss])
-        if ok and self.check_grads:
-            ok = _finite([p.grad for p in params])
+        grads = [p.grad for p in params if p.grad is not None] if self.check_grads else []
+        flag = _all_finite(loss, grads)
         if trainer.world_size > 1:  # every rank must take the same decision
-            flag = torch.tensor(0.0 if ok else 1.0, device=pl_module.device)
-            ok = float(trainer.strategy.reduce(flag, reduce_op="max")) == 0.0
+            if flag is None:
+                flag = torch.ones((), dtype=torch.bool, device=pl_module.device)
+            bad = (~flag).float()
+            flag = trainer.strategy.reduce(bad, reduce_op="max") == 0
+        ok = flag is None or bool(flag)
         if ok:
             self.consecutive = 0
             return

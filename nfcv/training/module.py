@@ -74,10 +74,11 @@ class FlowModule(L.LightningModule):
         self.save_hyperparameters(hparams(cfg, data_info))
         self.cfg = OmegaConf.create(cfg)
         self.model = build_model(self.cfg)
-        if self.cfg.get("compile", False):
-            # The coupling networks only: the flow's control flow (bisection, ODE solvers,
-            # data-dependent init) stays eager, and parameter names stay as they are.
-            self.model.compile_networks()
+        # compile=true: the whole training forward (dequantization, flow, prior, bits per dim)
+        # as one torch.compile graph, from the second step on (the first runs eagerly: the
+        # data-dependent initialisations and the input checks). The model's modules and
+        # parameter names stay as they are, so checkpoints do not depend on it.
+        self._compiled_bpd = torch.compile(self._train_bpd) if self.cfg.get("compile") else None
         decay = (self.cfg.get("ema") or {}).get("decay")
         self.ema = EMA(decay, lambda: build_model(self.cfg)) if decay is not None else None
 
@@ -92,12 +93,37 @@ class FlowModule(L.LightningModule):
         labels = labels if model.num_classes else None  # p(x | y) for class-conditional models
         return model.bits_per_dim(x, check=check, labels=labels)
 
+    def _train_bpd(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.model.bits_per_dim(x, check=False, labels=labels).mean()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         # The data module validated every pixel at setup; re-check the first batch only (the range
         # check costs a device sync per step).
-        loss = self._bpd(batch, check=self.global_step == 0).mean()
-        self.log("train/bpd", loss, prog_bar=True, batch_size=batch[0].shape[0])
+        if self._compiled_bpd is not None and self.global_step > 0:
+            x, labels = batch
+            loss = self._compiled_bpd(x, labels if self.model.num_classes else None)
+        else:
+            loss = self._bpd(batch, check=self.global_step == 0).mean()
+        if self._logs_this_step():
+            # Copied to the host here, on logging steps only: Lightning converts progress-bar
+            # values to numbers at every step, which for a GPU tensor is a sync per step.
+            self.log(
+                "train/bpd",
+                loss.detach().to("cpu", copy=True),
+                prog_bar=True,
+                batch_size=len(batch[0]),
+            )
         return loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether this training step's metrics reach the loggers: the first step and every
+        ``trainer.log_every_n_steps``-th (Lightning writes logs when the count of optimizer steps
+        taken, this one included, is a multiple of it). Metrics logged on other steps would go
+        nowhere but the progress bar, and Lightning reads progress-bar values on the host: one
+        device-to-host copy per metric per step, which stalls a GPU's queue."""
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        return every > 0 and (self.global_step == 0 or (self.global_step + 1) % every == 0)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -164,7 +190,7 @@ class FlowModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Logged before clipping (Lightning clips after this hook): the norm the clip acts on.
-        if self.global_step % max(1, self.trainer.log_every_n_steps):
+        if not self._logs_this_step():
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:

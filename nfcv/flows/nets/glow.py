@@ -30,7 +30,7 @@ class _ActNormAct(nn.Module):
         recomputation to save what the first pass saved)."""
         norm = self.norm
         assert conv.bias is None, "the actnorm's loc is the bias"
-        if norm.training and not bool(norm.initialized):
+        if norm.needs_init():
             assert x is not None, "the data-dependent init needs the conv's input"
             with torch.no_grad():
                 norm.initialize(conv(x))
