@@ -68,7 +68,6 @@ def test_checkpoint_grads_and_compile_flags_reach_the_model():
     from nfcv.training.module import FlowModule
 
     module = FlowModule(OmegaConf.to_container(cfg, resolve=True))
-    nets = [m.net for m in module.model.modules() if hasattr(m, "checkpoint_grads")]
-    assert all(net._compiled_call_impl is not None for net in nets)
+    assert module._compiled_bpd is not None  # the whole training forward (tests/test_exact.py)
     # Names unchanged: a compiled model's checkpoint loads into an eager one.
     assert set(module.model.state_dict()) == set(model.state_dict())

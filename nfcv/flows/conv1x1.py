@@ -6,10 +6,10 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nfcv.errors import NumericalError
+from nfcv.flows import exact
 from nfcv.flows.base import Bijector, at_least_float32, check_channels, no_autocast
 
 # A plain (not LU) 1x1 conv is reported when |det W| falls below this: its inverse then amplifies
@@ -32,17 +32,9 @@ def _inverse(w: Tensor) -> Tensor:
 
 
 def _mix_channels(w: Tensor, x: Tensor) -> Tensor:
-    """The 1x1 convolution ``w`` (C, C) applied to ``x`` (N, C, H, W).
-
-    On a CPU, one matrix product over the batch's pixels (einsum): oneDNN's 1x1 convolution of
-    a few channels took 2-3x as long, forward and backward (4-48 channels, the 1x1 convs of
-    Glow's benchmark sizes), and 7% of a cpu-small Glow step (`python -m nfcv.bench`, README,
-    Speed). Its result is a view in (C, N, H, W) memory order; the layers after it take any
-    strides. Elsewhere the convolution, unmeasured against einsum on a GPU (and cuDNN's
-    convolutions and cuBLAS's products follow different TF32 settings)."""
-    if x.device.type == "cpu":
-        return torch.einsum("oc,nchw->nohw", w, x)
-    return F.conv2d(x, w[:, :, None, None])
+    """The 1x1 convolution ``w`` (C, C) applied to ``x`` (N, C, H, W), in full float32 whatever
+    the process's TF32 settings (`nfcv.flows.exact`)."""
+    return exact.conv2d(x, w[:, :, None, None])
 
 
 class _Conv1x1Base(Bijector):
@@ -118,7 +110,8 @@ class _Conv1x1Base(Bijector):
 
 
 class InvConv1x1(_Conv1x1Base):
-    """Plain invertible 1x1 convolution: a learned C x C matrix, log|det W| by float64 slogdet."""
+    """Plain invertible 1x1 convolution: a learned C x C matrix, log|det W| by slogdet in the
+    parameters' dtype (float32 in training; the float64 inverse is for sampling)."""
 
     def __init__(self, num_channels: int):
         super().__init__(num_channels)
@@ -133,7 +126,7 @@ class InvConv1x1(_Conv1x1Base):
         return _inverse(w)
 
     def log_abs_det(self) -> Tensor:
-        return torch.linalg.slogdet(self.w.double())[1]
+        return torch.linalg.slogdet(self.w)[1]
 
 
 class InvConv1x1LU(_Conv1x1Base):
@@ -170,7 +163,7 @@ class InvConv1x1LU(_Conv1x1Base):
 
     def weight(self) -> Tensor:
         p, lower, upper = self._factors(self.lower.dtype)
-        return p @ (lower @ upper)
+        return exact.matmul(p, exact.matmul(lower, upper))  # TF32 would round W itself
 
     def _weight_inverse64(self) -> Tensor:
         p, lower, upper = self._factors(torch.float64)
@@ -217,7 +210,8 @@ class Triangular1x1(_Conv1x1Base):
 class BlockInvConv1x1(_Conv1x1Base):
     """`groups` independent C/groups x C/groups invertible 1x1 convolutions, one per block of
     channels: Flow++'s "Pointwise" layer applied to each half of a split (arXiv:1902.00275 code),
-    initialised as the identity plus N(0, `init_noise`^2) noise. log|det| by float64 slogdet."""
+    initialised as the identity plus N(0, `init_noise`^2) noise. log|det| by slogdet of each block
+    in the parameters' dtype."""
 
     def __init__(self, num_channels: int, groups: int = 2, init_noise: float = 1e-3):
         super().__init__(num_channels)
@@ -243,13 +237,13 @@ class BlockInvConv1x1(_Conv1x1Base):
         return _inverse(w)
 
     def log_abs_det(self) -> Tensor:
-        return torch.linalg.slogdet(self.w.double())[1].sum()
+        return torch.linalg.slogdet(self.w)[1].sum()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         with no_autocast(x):
             x = at_least_float32(x)
             w = self.w.to(x.dtype).reshape(self.num_channels, -1, 1, 1)
-            z = F.conv2d(x, w, groups=self.groups)
+            z = exact.conv2d(x, w, 0, self.groups)
         logdet = (x.shape[2] * x.shape[3]) * self.log_abs_det().to(x.dtype)
         return z, logdet.expand(x.shape[0])
 
@@ -257,7 +251,7 @@ class BlockInvConv1x1(_Conv1x1Base):
         with no_autocast(z):
             z = at_least_float32(z)
             w_inv = self.inverse_weight(z.dtype).reshape(self.num_channels, -1, 1, 1)
-            x = F.conv2d(z, w_inv, groups=self.groups)
+            x = exact.conv2d(z, w_inv, 0, self.groups)
         logdet = -(z.shape[2] * z.shape[3]) * self.log_abs_det().to(z.dtype)
         return x, logdet.expand(z.shape[0])
 

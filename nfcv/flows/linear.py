@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nfcv.flows import exact
 from nfcv.flows.base import (
     Bijector,
     at_least_float32,
@@ -71,24 +72,23 @@ class PeriodicConv(Bijector):
         weight[:, :, kernel_size // 2, kernel_size // 2] = torch.eye(num_channels)
         self.weight = nn.Parameter(weight)
 
-    def _spectrum(self, height: int, width: int) -> Tensor:
-        """K(u, v), shape (H, W, C, C), complex128: the DFT of the kernel laid on the H x W torus
-        with its centre tap at (0, 0) (taps wrap around on inputs smaller than the kernel)."""
+    def _spectrum(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
+        """K(u, v), shape (H, W, C, C), complex in `dtype`'s precision (complex64 for float32):
+        the DFT of the kernel laid on the H x W torus with its centre tap at (0, 0) (taps wrap
+        around on inputs smaller than the kernel)."""
         k, r = self.kernel_size, self.kernel_size // 2
         c = self.num_channels
-        torus = self.weight.new_zeros(c, c, height * width, dtype=torch.float64)
+        torus = self.weight.new_zeros(c, c, height * width, dtype=dtype)
         offsets = torch.arange(k, device=self.weight.device) - r
         rows = (offsets % height)[:, None] * width + (offsets % width)[None, :]
-        torus = torus.index_add(
-            2, rows.reshape(-1), self.weight.to(torch.float64).reshape(c, c, -1)
-        )
+        torus = torus.index_add(2, rows.reshape(-1), self.weight.to(dtype).reshape(c, c, -1))
         # Cross-correlation (as conv2d computes it) is convolution with the flipped kernel:
         # conjugating the transform of the unflipped one.
         spectrum = torch.fft.fft2(torus.view(c, c, height, width)).conj()
         return spectrum.permute(2, 3, 0, 1)
 
     def _convolve(self, x: Tensor, matrices: Tensor) -> Tensor:
-        xf = torch.fft.fft2(x.to(torch.float64))
+        xf = torch.fft.fft2(x.to(matrices.real.dtype))
         yf = torch.einsum("hwij,bjhw->bihw", matrices, xf)
         return torch.fft.ifft2(yf).real.to(x.dtype)
 
@@ -96,18 +96,26 @@ class PeriodicConv(Bijector):
         return torch.linalg.slogdet(spectrum)[1].sum().to(x.dtype).expand(x.shape[0])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # In the input's precision (float32 in training); the inverse, for sampling, in float64.
         r = self.kernel_size // 2
-        spectrum = self._spectrum(x.shape[2], x.shape[3])
-        if r < min(x.shape[2], x.shape[3]):
-            # The direct circular convolution equals the Fourier product (tested), and is cheaper.
-            z = F.conv2d(F.pad(x, (r, r, r, r), mode="circular"), self.weight.to(x.dtype))
-        else:
-            z = self._convolve(x, spectrum)
+        with no_autocast(x):
+            x = at_least_float32(x)
+            spectrum = self._spectrum(x.shape[2], x.shape[3], x.dtype)
+            if r < min(x.shape[2], x.shape[3]):
+                # The direct circular convolution equals the Fourier product (tested), and is
+                # cheaper; in full float32 whatever the TF32 settings (`nfcv.flows.exact`).
+                padded = F.pad(x, (r, r, r, r), mode="circular")
+                z = exact.conv2d(padded, self.weight.to(x.dtype))
+            else:
+                z = self._convolve(x, spectrum)
         return z, self._logdet(spectrum, x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        spectrum = self._spectrum(z.shape[2], z.shape[3])
-        return self._convolve(z, torch.linalg.inv(spectrum)), -self._logdet(spectrum, z)
+        with no_autocast(z):
+            z = at_least_float32(z)
+            spectrum = self._spectrum(z.shape[2], z.shape[3], torch.float64)
+            x = self._convolve(z, torch.linalg.inv(spectrum))
+        return x, -self._logdet(spectrum, z)
 
     def output_shape(self, shape):
         return check_channels(self, shape, self.num_channels)
@@ -168,8 +176,8 @@ class FullLinear(Bijector):
         with no_autocast(x):
             x = at_least_float32(x)
             lower, upper = self._factors(x.dtype)
-            # Row vectors: (L U x)^T = x^T U^T L^T.
-            z = x.reshape(x.shape[0], -1) @ upper.T @ lower.T
+            # Row vectors: (L U x)^T = x^T U^T L^T, in full float32 (`nfcv.flows.exact`).
+            z = exact.matmul(exact.matmul(x.reshape(x.shape[0], -1), upper.T), lower.T)
         return z.reshape(x.shape), self._logdet(x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -255,7 +263,7 @@ class EmergingConv(Bijector):
 
     def _conv(self, x: Tensor, which: str) -> Tensor:
         """One autoregressive factor: zero padding on the side it reads from."""
-        return F.conv2d(F.pad(x, self._pad(which)), self._kernels(x.dtype, which)[0])
+        return exact.conv2d(F.pad(x, self._pad(which)), self._kernels(x.dtype, which)[0])
 
     def _solve(self, y: Tensor, which: str) -> Tensor:
         """x with ``_conv(x, which) = y``, in float64 (see the class docstring)."""
