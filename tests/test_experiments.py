@@ -136,7 +136,8 @@ EXPERIMENTS = {
 # say how): aravindsrinivas/flowpp, flows_imagenet/launchers/imagenet32_official.py and
 # imagenet64_official.py, their docstrings' "Num params". nfcv's steps add a 1x1 convolution
 # per half, and the code's weight normalisation (ImageNet 32), context attention and layer
-# norms are not here. The papers of Glow and RealNVP publish no counts.
+# norms are not here. (The ImageNet 64 launcher's own layers, counted by hand as above, give
+# 64,055,080, not its docstring's 73,489,960.) The papers of Glow and RealNVP publish none.
 PUBLISHED = {"flowpp_imagenet32": 168_955_724, "flowpp_imagenet64": 73_489_960}
 
 
