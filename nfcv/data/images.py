@@ -118,12 +118,14 @@ def read_npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 class NpyImages(ImageSource):
-    """uint8 images (N, C, H, W) in a ``.npy`` file, read one row at a time with ``os.pread``
-    (an open file: no map), so neither the process's anonymous memory nor its resident set grows
-    with the dataset; the OS's page cache keeps what fits. (A memory map would keep anonymous
-    memory flat too, but every page it touches counts in the resident set, which schedulers
-    that police RSS add up.) The file is opened lazily in each process (DataLoader workers
-    too) and never pickled. `array` gives the whole file as a read-only memory map."""
+    """uint8 images (N, C, H, W) in a ``.npy`` file, read with ``os.preadv`` straight into the
+    batch (an open file: no map): a batch's rows in as few reads as there are runs of
+    consecutive rows among them (`read_many`), so neither the process's anonymous memory nor
+    its resident set grows with the dataset; the OS's page cache keeps what fits. (A memory map
+    would keep anonymous memory flat too, but every page it touches counts in the resident
+    set, which schedulers that police RSS add up.) The file is opened lazily in each process
+    (DataLoader workers too) and never pickled. `array` gives the whole file as a read-only
+    memory map."""
 
     def __init__(self, path: Path, labels: Tensor):
         self.path = Path(path)
