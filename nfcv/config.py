@@ -125,7 +125,12 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.num_bins", _integer(2), "an integer >= 2 (levels of a sub-pixel)"),
     Rule("data.batch_size", _integer(1), "an integer >= 1 (images per training step)"),
     Rule("data.eval_batch_size", _integer(1), "an integer >= 1 (images per evaluation batch)"),
-    Rule("data.num_workers", _integer(0), "an integer >= 0 (0: load in the main process)"),
+    Rule(
+        "data.num_workers",
+        lambda v: v == "auto" or _integer(0)(v),
+        "an integer >= 0 (0: load in the main process) or auto (the CPUs available, less one, "
+        "shared between the training processes of a machine; at most 8)",
+    ),
     Rule("model.image_shape", _image_shape, "[channels, height, width], three integers >= 1"),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),
     Rule("optim.warmup_steps", _integer(0), "an integer >= 0 (0: no warmup)"),

@@ -46,7 +46,8 @@ class DataSchema:
     split_seed: int = 0
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
-    num_workers: int = MISSING
+    num_workers: int | str = MISSING  # DataLoader workers: an integer, or auto (from the CPUs)
+    pin_memory: bool | None = None  # page-locked batches; null: exactly when training on CUDA
     shuffle_seed: Any = "${seed}"  # the training order: drawn from (shuffle_seed, epoch)
 
 

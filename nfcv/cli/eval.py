@@ -102,6 +102,7 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
     loaded = load_checkpoint(ckpt, map_location=device, ema=ema_arg(cfg))
     model = loaded.model
     datamodule = data_module(cfg, loaded, batch_size=batch_size)
+    datamodule.device = torch.device(device)  # pinned batches when evaluating on CUDA
     loader = datamodule.eval_loader(cfg.split)
 
     # The dequantization noise comes from the global RNG: the same seed gives the same figure,

@@ -26,6 +26,42 @@ from nfcv.data.images import (
 from nfcv.data.samplers import ResumableShuffle, ShardedSequential
 from nfcv.errors import DataError
 
+MAX_AUTO_WORKERS = 8  # `num_workers: auto` never starts more loader processes than this
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a scheduler such as SLURM or a
+    container gave it, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(setting: int | str, processes: int = 1) -> int:
+    """DataLoader workers for ``data.num_workers``: a number is taken as it is; ``auto`` shares
+    the available CPUs between the `processes` training processes of this machine and keeps
+    one CPU of each share for the process itself, at most `MAX_AUTO_WORKERS` (2 CPUs, 1
+    process: 1 worker; 1 CPU: 0, loading in the training process)."""
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        share = available_cpus() // max(1, int(processes))
+        return max(0, min(MAX_AUTO_WORKERS, share - 1))
+    if isinstance(setting, bool) or int(setting) != setting or int(setting) < 0:
+        raise DataError(
+            f"data.num_workers={setting!r}: use an integer >= 0 (0: load in the main process) "
+            "or auto"
+        )
+    return int(setting)
+
+
+def resolve_pin_memory(setting: bool | None, device: torch.device | str | None) -> bool:
+    """Whether loaders pin their batches (page-locked memory, so the copy to a GPU is
+    asynchronous and faster): ``data.pin_memory`` when set, else (null) exactly when the data
+    goes to a CUDA device."""
+    if setting is not None:
+        return bool(setting)
+    return device is not None and torch.device(device).type == "cuda"
+
 
 class ImageDataModule(L.LightningDataModule):
     """Base class: subclasses implement `load_split(split)` for 'train' and 'test' (and 'val'
@@ -49,12 +85,13 @@ class ImageDataModule(L.LightningDataModule):
         eval_batch_size: int = 256,
         val_size: int | None = 1000,
         split_seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         hflip: bool = False,
         name: str | None = None,
         num_bits: int | None = None,
         checksum: bool = True,
         shuffle_seed: int | None = None,
+        pin_memory: bool | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
@@ -63,7 +100,13 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size)
         self.val_size = None if val_size is None else int(val_size)
         self.split_seed = int(split_seed)
-        self.num_workers = int(num_workers)
+        # An integer, or "auto": resolved when a loader is made (`loader_workers`), once the
+        # number of training processes on this machine is known.
+        resolve_num_workers(num_workers)  # a bad value fails now
+        self.num_workers = num_workers
+        # None: pin exactly when the trainer's (or `device`'s) device is CUDA (`pins_memory`).
+        self.pin_memory = None if pin_memory is None else bool(pin_memory)
+        self.device: torch.device | None = None  # where evaluation without a trainer runs
         self.hflip = bool(hflip)
         # Checked here, for every dataset: data read on demand (IndexedImages) is never range
         # checked pixel by pixel, and a shift by 8 - 9 made every image zero.
@@ -252,6 +295,30 @@ class ImageDataModule(L.LightningDataModule):
             "files": self.files(),
         }
 
+    def _trainer_or_none(self):
+        try:
+            return self.trainer  # set by Lightning when a Trainer uses this module
+        except (AttributeError, RuntimeError):
+            return None
+
+    def target_device(self) -> torch.device | None:
+        """Where the batches go: the attached trainer's device, else `device` (set by
+        nfcv-eval), else unknown (None)."""
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self.device
+
+    def loader_workers(self) -> int:
+        """``data.num_workers`` resolved: ``auto`` shares this machine's CPUs between the
+        trainer's processes on it (its devices per node)."""
+        trainer = self._trainer_or_none()
+        processes = int(getattr(trainer, "num_devices", 1) or 1) if trainer is not None else 1
+        return resolve_num_workers(self.num_workers, processes)
+
+    def pins_memory(self) -> bool:
+        return resolve_pin_memory(self.pin_memory, self.target_device())
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         # Our own samplers (nfcv/resume.py): a training order drawn from (seed, epoch) that a
         # resumed run can continue mid-epoch, and evaluation shards without padding, both split
@@ -260,13 +327,17 @@ class ImageDataModule(L.LightningDataModule):
         seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
         n = len(dataset)
         sampler = ResumableShuffle(n, seed=seed) if shuffle else ShardedSequential(n)
+        workers = self.loader_workers()
+        # Batches are read whole: the loader hands each batch's indices to the dataset's
+        # `__getitems__` where it has one (images read with `ImageSource.read_many`).
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.pins_memory(),
             generator=torch.Generator().manual_seed(seed),
         )
 
@@ -288,6 +359,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_loader("test")
+
 
 # ---------------------------------------------------------------------------------------------
 # Datasets read from files under data.root

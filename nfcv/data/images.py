@@ -43,6 +43,7 @@ def reduce_bits(images: Tensor, num_bits: int) -> Tensor:
     num_bits = check_num_bits(num_bits)
     return images >> (8 - num_bits) if num_bits < 8 else images
 
+
 # ---------------------------------------------------------------------------------------------
 # Datasets
 
@@ -82,6 +83,23 @@ class ImageSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self.read(i), self.labels[i]
 
+    def read_many(self, indices: Sequence[int]) -> Tensor:
+        """Images `indices` as one uint8 (n, C, H, W) tensor, in the order given. Sources that
+        can read several images at once faster (`NpyImages`) override it."""
+        return torch.stack([self.read(int(i)) for i in indices])
+
+
+def contiguous_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """The distinct `indices` sorted and cut into runs of consecutive values, as (first, count)
+    pairs: ``[7, 3, 4, 5, 9, 4] -> [(3, 3), (7, 1), (9, 1)]``."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(int(i) for i in indices)):
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
 
 def read_npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of the ``.npy`` array whose file `f` starts here (a file on disk or an
@@ -100,12 +118,14 @@ def read_npy_header(f, where: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 class NpyImages(ImageSource):
-    """uint8 images (N, C, H, W) in a ``.npy`` file, read one row at a time with ``os.pread``
-    (an open file: no map), so neither the process's anonymous memory nor its resident set grows
-    with the dataset; the OS's page cache keeps what fits. (A memory map would keep anonymous
-    memory flat too, but every page it touches counts in the resident set, which schedulers
-    that police RSS add up.) The file is opened lazily in each process (DataLoader workers
-    too) and never pickled. `array` gives the whole file as a read-only memory map."""
+    """uint8 images (N, C, H, W) in a ``.npy`` file, read with ``os.preadv`` straight into the
+    batch (an open file: no map): a batch's rows in as few reads as there are runs of
+    consecutive rows among them (`read_many`), so neither the process's anonymous memory nor
+    its resident set grows with the dataset; the OS's page cache keeps what fits. (A memory map
+    would keep anonymous memory flat too, but every page it touches counts in the resident
+    set, which schedulers that police RSS add up.) The file is opened lazily in each process
+    (DataLoader workers too) and never pickled. `array` gives the whole file as a read-only
+    memory map."""
 
     def __init__(self, path: Path, labels: Tensor):
         self.path = Path(path)
@@ -127,16 +147,63 @@ class NpyImages(ImageSource):
     def array(self) -> np.ndarray:
         return np.load(self.path, mmap_mode="r")
 
-    def read(self, i: int) -> Tensor:
+    def _file(self) -> int:
         if self._pid != os.getpid():  # first read in this process (a forked worker too)
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        buf = os.pread(self._fd, self.row, self.offset + i * self.row)
-        if len(buf) != self.row:
+        return self._fd
+
+    def _pread_into(self, out: np.ndarray, first: int) -> None:
+        """Rows ``first, first + 1, ...`` into `out` (len(out) rows) with one read (``preadv``
+        straight into the array; ``pread`` and a copy where the OS has no preadv)."""
+        fd, want, at = self._file(), out.nbytes, self.offset + first * self.row
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < want:  # a read may return less than asked (never for small reads of files)
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[got:]], at + got)
+            else:
+                buf = os.pread(fd, want - got, at + got)
+                n = len(buf)
+                view[got : got + n] = buf
+            if n == 0:
+                break
+            got += n
+        if got != want:
+            last = first + want // self.row - 1
             raise DataError(
-                f"{self.path} ends before image {i}: the converted copy is truncated; delete its "
-                "folder and rerun to convert again"
+                f"{self.path} ends before image {last}: the converted copy is truncated; delete "
+                "its folder and rerun to convert again"
             )
-        return torch.from_numpy(np.frombuffer(buf, np.uint8).reshape(self.image_shape).copy())
+
+    def read(self, i: int) -> Tensor:
+        out = np.empty((1, *self.image_shape), np.uint8)
+        self._pread_into(out, int(i))
+        return torch.from_numpy(out[0])
+
+    def read_many(self, indices: Sequence[int]) -> Tensor:
+        """Images `indices` in the order given, reading each run of consecutive rows among them
+        with one read (a sequential batch: one read in all; a shuffled one: one per run)."""
+        indices = [int(i) for i in indices]
+        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        if not indices:
+            return torch.from_numpy(out)
+        if indices == list(range(indices[0], indices[0] + len(indices))):
+            self._pread_into(out, indices[0])  # the common evaluation case: rows in order
+            return torch.from_numpy(out)
+        runs = contiguous_runs(indices)
+        if len(runs) == len(indices):  # no two adjacent: read straight into place
+            for k, i in enumerate(indices):
+                self._pread_into(out[k : k + 1], i)
+            return torch.from_numpy(out)
+        rows = np.empty((sum(n for _, n in runs), *self.image_shape), np.uint8)
+        where: dict[int, int] = {}
+        pos = 0
+        for first, n in runs:
+            self._pread_into(rows[pos : pos + n], first)
+            where.update((first + j, pos + j) for j in range(n))
+            pos += n
+        np.take(rows, [where[i] for i in indices], axis=0, out=out)
+        return torch.from_numpy(out)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_pid": -1}
@@ -298,6 +365,25 @@ class IndexedImages(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
+
+    def __getitems__(self, batch: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+        """A batch of samples, what torch's DataLoader asks for when a dataset has this method:
+        the same samples as ``[self[i] for i in batch]`` (flips drawn from the same random
+        stream in the same order), read with `ImageSource.read_many`."""
+        batch = [int(i) for i in batch]
+        if not batch:
+            return []
+        j = batch if self.indices is None else self.indices[batch].tolist()
+        x = self.source.read_many(j)
+        if self.shift:
+            x >>= self.shift
+        samples = []
+        for k, i in enumerate(batch):
+            xi = x[k]
+            if self.hflip and torch.rand(()) < 0.5:
+                xi = xi.flip(-1)
+            samples.append((xi, self.labels[i]))
+        return samples
 
     @property
     def images(self) -> Tensor:
