@@ -322,3 +322,23 @@ def test_commands_end_to_end_with_gaussian_noise(tiny_run, tmp_path):
     )
     _fails(proc, "trained without Gaussian noise", "denoise_sigma=")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_and_export_keep_the_noise_level(gaussian_run, tmp_path):
+    """A gaussian checkpoint rebuilds its dequantizer from the file alone, and so does its
+    safetensors export: the same noise level, the same continuous figure, the same score."""
+    from nfcv.checkpoint import export_safetensors
+
+    ckpt = gaussian_run[0]["best_ckpt"]
+    out = export_safetensors(ckpt, tmp_path / "m.safetensors")
+    a, b = nfcv.load(ckpt), nfcv.load(out)
+    for model in (a, b):
+        assert isinstance(model.dequantizer, GaussianDequantization)
+        assert model.noise_std == 0.05 and not model.discrete_bound
+    x = torch.randint(0, 17, (3, 1, 8, 8))
+    torch.manual_seed(4)
+    first = a.bits_per_dim(x)
+    torch.manual_seed(4)
+    torch.testing.assert_close(b.bits_per_dim(x), first)
+    y = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(a.denoise(y), b.denoise(y))
