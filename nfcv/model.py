@@ -68,7 +68,8 @@ class LogWeightParts:
     latent: list[Tensor]  # log-density of each latent block under the base
     logdet: Tensor  # log|det| of the whole bijection (preprocessing and learned priors included)
     log_q: Tensor  # log q(u | x) of the dequantization noise (0 for uniform noise)
-    discrete: float  # D log(num_bins): from densities on [0, 1]^D to probabilities of bins
+    discrete: float  # D log(num_bins): densities on [0, 1]^D -> probabilities of bins (0 for
+    # Gaussian noise augmentation, whose figure is the continuous density of the noised images)
 
     def total(self, dtype: torch.dtype | None = None) -> Tensor:
         """``log w``, accumulated in `dtype` (default: the parts' own)."""
@@ -437,7 +438,8 @@ class ImageFlow(nn.Module):
         """One importance weight per image: ``log p(y) - log q(u|x) - D log(num_bins)``, nats.
 
         A lower bound on log P(x) for the discrete image x (one dequantization sample);
-        `labels` for a class-conditional model.
+        `labels` for a class-conditional model. With Gaussian noise augmentation
+        (`discrete_bound` False): ``log p(y)`` of the noised image, no bound.
         """
         ((_, parts),) = self.log_weight_passes(x_int, 1, labels)
         return parts.total()
