@@ -108,6 +108,12 @@ def _temperatures(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(_number(0, MAX_TEMPERATURE)(t) for t in v)
 
 
+def _preprocess_for_dequant(v: Any, cfg: DictConfig) -> bool:
+    """A logit preprocessing takes [0, 1] only; Gaussian noise augmentation leaves it."""
+    dequant = OmegaConf.select(cfg, "dequant._target_", default=None)
+    return not (v == "nfcv.flows.Logit" and dequant == "nfcv.dequant.GaussianDequantization")
+
+
 @dataclass(frozen=True)
 class Rule:
     key: str  # dotted path in the train config; a key the config does not have is skipped
@@ -132,6 +138,19 @@ VALUE_RULES: tuple[Rule, ...] = (
         "shared between the training processes of a machine; at most 8)",
     ),
     Rule("model.image_shape", _image_shape, "[channels, height, width], three integers >= 1"),
+    Rule(
+        "dequant.noise_std",
+        _number(0, lo_open=True),
+        "a number > 0 (the std of the Gaussian noise in [0, 1] image units, e.g. 0.05)",
+    ),
+    Rule(
+        "model.preprocess._target_",
+        _preprocess_for_dequant,
+        "a preprocessing defined on every real number with dequant=gaussian (its noise leaves "
+        "[0, 1], and the logit takes [0, 1] only): use model=glow, nice, maf, hint or ffjord, "
+        "or dequant=uniform|variational",
+        with_config=True,
+    ),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),
     Rule("optim.warmup_steps", _integer(0), "an integer >= 0 (0: no warmup)"),
     Rule("trainer.max_steps", _integer(1), "an integer >= 1 (optimizer steps of the run)"),

@@ -2,7 +2,9 @@
 
 Uniform dequantization (Theis et al. 2016, arXiv:1511.01844) adds u ~ U[0, 1)^D, so log q = 0 and
 the continuous likelihood lower-bounds the discrete one. Variational dequantization (Flow++,
-arXiv:1902.00275) learns q(u | x) with a conditional flow, which tightens that bound.
+arXiv:1902.00275) learns q(u | x) with a conditional flow, which tightens that bound. Gaussian
+noise augmentation (TarFlow, arXiv:2412.06329) is no dequantization in that sense: its figure is
+the continuous density of the noised images, not a bound on the discrete likelihood.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ def standard_normal_log_prob(eps: Tensor) -> Tensor:
 
 class Dequantizer(nn.Module):
     """``forward(x, num_bins) -> (y, log_q)`` with ``y = (x + u) / num_bins``; `x` holds the
-    integer pixel values as floats of the model's dtype."""
+    integer pixel values as floats of the model's dtype.
+
+    `discrete_bound`: whether ``log p(y) - log q(u|x) - D log(num_bins)`` lower-bounds the log
+    probability of the integer image (then bits per dim is a discrete bound). `bounded`: whether
+    every y lies in [0, 1]^D (a logit preprocessing needs that)."""
+
+    discrete_bound: bool = True
+    bounded: bool = True
+
+    def figure(self) -> str:
+        """What a bits-per-dim figure computed with this noise is, in words."""
+        return "bits per dim (an upper bound on the discrete -log2 P(x) / D)"
 
     def forward(self, x: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -120,3 +133,48 @@ class VariationalDequantization(Dequantizer):
         u, logdet = self.noise_to_u(eps, self.context(x, num_bins))
         log_q = standard_normal_log_prob(eps.reshape(x.shape[0], -1)) - logdet
         return (x + u) / num_bins, log_q
+
+
+class GaussianDequantization(Dequantizer):
+    """TarFlow's noise augmentation (Zhai et al. 2024, arXiv:2412.06329; apple/ml-tarflow,
+    `train.py`, ``--noise_type=gaussian``): Gaussian noise in place of uniform dequantization,
+
+        y = (x + 1/2) / num_bins + noise_std * n,     n ~ N(0, I),
+
+    the bin centres of the integer image plus noise. `noise_std` is in the units of y, the
+    model's [0, 1] input (TarFlow's data are in [-1, 1], so its ``--noise_std=0.05`` is 0.025
+    here). y leaves [0, 1] with positive probability (`bounded` is False).
+
+    The model then learns the continuous density of the noised images, and bits per dim is
+    ``-log2 p(y) / D``: no ``log q`` and no ``D log(num_bins)`` term (`LogWeightParts.discrete`
+    is 0), and it bounds nothing discrete (Gaussian noise spills out of the bins). `log_q` is
+    returned as zeros: no dequantization density enters the figure. Denoising a sample with
+    Tweedie's formula, ``y + noise_std^2 grad log p(y)`` (`ImageFlow.denoise`), estimates the
+    clean image the noise was added to.
+    """
+
+    discrete_bound = False
+    bounded = False
+
+    def __init__(self, noise_std: float = 0.05):
+        super().__init__()
+        try:
+            std = float(noise_std)
+        except (TypeError, ValueError):
+            std = math.nan
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(
+                f"dequant.noise_std must be a finite number > 0 (the standard deviation of the "
+                f"Gaussian noise in [0, 1] image units, e.g. 0.05), got {noise_std!r}"
+            )
+        self.noise_std = std
+
+    def figure(self) -> str:
+        return (
+            f"continuous bits per dim of x + N(0, {self.noise_std:g}^2), x in [0, 1] (the "
+            "density of the noised images, not a discrete bits-per-dim bound)"
+        )
+
+    def forward(self, x: Tensor, num_bins: int) -> tuple[Tensor, Tensor]:
+        noise = torch.randn_like(x)
+        return (x + 0.5) / num_bins + self.noise_std * noise, x.new_zeros(x.shape[0])

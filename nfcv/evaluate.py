@@ -8,6 +8,11 @@ latent of ``y = (x + u) / num_bins`` cut into the blocks of ``model.latent_sizes
            + log q(u | x)              / (D ln 2)   dequantization (0 for uniform noise)
            + log2(num_bins)                         discretization: bins are 1/num_bins wide
 
+For a model trained with Gaussian noise augmentation (``model.discrete_bound`` False) the
+figure is the continuous ``-log2 p(y) / D`` of the noised image ``y = (x + 1/2) / num_bins +
+sigma n``: the parts are the latent blocks and the log-determinant only (no dequantization
+density, no discretization term), and k must be 1.
+
 Every part comes from the same forward pass as the total, so they add up to it exactly. With k
 samples the total is ``-(logsumexp_k log w_k - log k) / (D ln 2)``; the parts are then averaged
 over the k samples and one more part, "importance weighting", is the total minus that average:
@@ -62,20 +67,23 @@ def bits_per_dim_parts(
     b = x_int.shape[0]
     to_bits = 1.0 / (model.dim * math.log(2))
     names = latent_names(model)
+    discrete = model.discrete_bound  # else Gaussian noise: log q and the discrete term are 0
     sums = {
         name: torch.zeros(b, dtype=torch.float64, device=model.device)
-        for name in [*names, LOGDET, DEQUANT]
+        for name in [*names, LOGDET, *([DEQUANT] if discrete else [])]
     }
     log_w = []
     for m, parts in model.log_weight_passes(x_int, k, labels):
         for name, lp in zip(names, parts.latent, strict=True):
             sums[name] += -lp.double().view(m, b).sum(0) * to_bits
         sums[LOGDET] += -parts.logdet.double().view(m, b).sum(0) * to_bits
-        sums[DEQUANT] += parts.log_q.double().view(m, b).sum(0) * to_bits
+        if discrete:
+            sums[DEQUANT] += parts.log_q.double().view(m, b).sum(0) * to_bits
         log_w.append(parts.total(torch.float64).view(m, b))
     weights = torch.cat(log_w)  # (k, B), nats
     out = {name: value / k for name, value in sums.items()}
-    out[DISCRETE] = torch.full_like(out[LOGDET], math.log2(model.num_bins))
+    if discrete:
+        out[DISCRETE] = torch.full_like(out[LOGDET], math.log2(model.num_bins))
     if k == 1:
         total = -weights[0] * to_bits
     else:

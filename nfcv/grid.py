@@ -38,15 +38,23 @@ def sample_grid(
     nrow: int | None = None,
     seed: int = 0,
     label: int | None = None,
+    denoise_sigma: float | None = None,
 ) -> Tensor:
     """`n` samples per temperature laid out `nrow` to a row (default: one row per temperature),
     as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid. `label`: the class
-    of every sample of a class-conditional model (default: image i is class i % num_classes)."""
+    of every sample of a class-conditional model (default: image i is class i % num_classes).
+    `denoise_sigma`: denoise each sample by Tweedie's formula (`ImageFlow.denoise`)."""
     nrow = nrow or n
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with _eval_mode(model):
         blocks = [
-            model.sample(n, temperature=float(t), generator=generator, label=label)
+            model.sample(
+                n,
+                temperature=float(t),
+                generator=generator,
+                label=label,
+                denoise_sigma=denoise_sigma,
+            )
             for t in temperatures
         ]
     return _grid(torch.cat(blocks), nrow)
@@ -119,11 +127,16 @@ def interpolate_latents(a: Tensor, b: Tensor, steps: int, path: str = "spherical
 
 @torch.no_grad()
 def interpolation_grid(
-    model: ImageFlow, x_int: Tensor, steps: int = 8, path: str = "spherical"
+    model: ImageFlow,
+    x_int: Tensor,
+    steps: int = 8,
+    path: str = "spherical",
+    denoise_sigma: float | None = None,
 ) -> tuple[Tensor, float]:
     """Encode the bin centres of two or more real images and decode the latent path between
     each consecutive pair: one row of `steps` images per pair, its first and last the encoded
-    images. Returns the grid and the largest absolute error of an endpoint against its image."""
+    images. Returns the grid and the largest absolute error of an endpoint against its image
+    (before denoising). `denoise_sigma`: denoise the decoded images (`ImageFlow.denoise`)."""
     if x_int.shape[0] < 2:
         raise ValueError(f"interpolation needs at least 2 images, got {x_int.shape[0]}")
     x = bin_centres(model, x_int)
@@ -137,6 +150,8 @@ def interpolation_grid(
                 (decoded[0] - x[i]).abs().max().item(),
                 (decoded[-1] - x[i + 1]).abs().max().item(),
             )
+            if denoise_sigma is not None:
+                decoded = model.denoise(decoded, denoise_sigma)
             rows.append(decoded.clamp(0, 1))
     return _grid(torch.cat(rows), steps), error
 
@@ -148,16 +163,22 @@ def draw_samples(
     n: int,
     batch_size: int = 256,
     seed: int = 0,
+    denoise_sigma: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`n` samples per temperature, `batch_size` at a time (bounded memory for the thousands a
     metric needs): ``(images (N, C, H, W) in [0, 1] on the CPU, temperature of each (N,))``.
-    The same seed and batch size give the same samples."""
+    The same seed and batch size give the same samples. `denoise_sigma`: denoise each sample
+    by Tweedie's formula (`ImageFlow.denoise`)."""
     generator = torch.Generator(device=model.device).manual_seed(seed)
     images, temps = [], []
     with _eval_mode(model):
         for t in temperatures:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
-                images.append(model.sample(m, temperature=float(t), generator=generator).cpu())
+                images.append(
+                    model.sample(
+                        m, temperature=float(t), generator=generator, denoise_sigma=denoise_sigma
+                    ).cpu()
+                )
                 temps.append(torch.full((m,), float(t)))
     return torch.cat(images), torch.cat(temps)

@@ -81,7 +81,8 @@ class LogWeightParts:
     latent: list[Tensor]  # log-density of each latent block under the base
     logdet: Tensor  # log|det| of the whole bijection (preprocessing and learned priors included)
     log_q: Tensor  # log q(u | x) of the dequantization noise (0 for uniform noise)
-    discrete: float  # D log(num_bins): from densities on [0, 1]^D to probabilities of bins
+    discrete: float  # D log(num_bins): densities on [0, 1]^D -> probabilities of bins (0 for
+    # Gaussian noise augmentation, whose figure is the continuous density of the noised images)
 
     def total(self, dtype: torch.dtype | None = None) -> Tensor:
         """``log w``, accumulated in `dtype` (default: the parts' own)."""
@@ -130,6 +131,15 @@ class ImageFlow(nn.Module):
         self.preprocess = preprocess
         self.flow = flow
         self.dequantizer = dequantizer if dequantizer is not None else UniformDequantization()
+        if not getattr(self.dequantizer, "bounded", True) and preprocess is not None:
+            from nfcv.flows.elementwise import Logit
+
+            if any(isinstance(m, Logit) for m in preprocess.modules()):
+                raise ValueError(
+                    f"{type(self.dequantizer).__name__} adds noise that leaves [0, 1], and the "
+                    "model's logit preprocessing is defined on [0, 1] only: use a model without "
+                    "a logit (glow, nice, maf, hint, ffjord) or dequant=uniform|variational"
+                )
         shape = self.image_shape
         if preprocess is not None:
             shape = preprocess.output_shape(shape)
@@ -169,6 +179,25 @@ class ImageFlow(nn.Module):
         for layer in layers:
             layer.net.compile(**kwargs)
         return len(layers)
+
+    @property
+    def discrete_bound(self) -> bool:
+        """Whether `bits_per_dim` bounds the discrete likelihood of integer images (uniform and
+        variational dequantization) or is the continuous density of noised images (Gaussian
+        noise augmentation, `nfcv.dequant.GaussianDequantization`)."""
+        return bool(getattr(self.dequantizer, "discrete_bound", True))
+
+    @property
+    def noise_std(self) -> float | None:
+        """The standard deviation of the Gaussian noise the model was trained on (in [0, 1]
+        image units), or None for a model trained with (uniform, variational) dequantization."""
+        std = getattr(self.dequantizer, "noise_std", None)
+        return None if std is None else float(std)
+
+    def figure(self) -> str:
+        """What `bits_per_dim` computes for this model, in words (for labels)."""
+        describe = getattr(self.dequantizer, "figure", None)
+        return describe() if describe is not None else "bits per dim"
 
     @property
     def latent_sizes(self) -> list[int]:
@@ -273,6 +302,50 @@ class ImageFlow(nn.Module):
             return standard_normal_log_prob(eps) + logdet
         return torch.stack(self.latent_log_probs(eps, labels)).sum(0) + logdet
 
+    def score(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``grad_x log p(x)``: the gradient of the model's continuous log-density at images `x`
+        of shape (B, C, H, W), by autograd through the flow (`transform` and the prior), in the
+        model's [0, 1] image units. Any real values are taken (noised images leave [0, 1]).
+        One value per image in eval mode; in train mode dropout and batch statistics enter it.
+        Works under ``torch.no_grad`` (not under ``torch.inference_mode``)."""
+        self._check_images(x)
+        self._check_labels(labels, x.shape[0])
+        with torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            eps, logdet = self.transform(y)
+            log_p = torch.stack(self.latent_log_probs(eps, labels)).sum(0) + logdet
+            (grad,) = torch.autograd.grad(log_p.sum(), y)
+        return grad.detach()
+
+    def denoise(
+        self, x: Tensor, sigma: float | None = None, labels: Tensor | None = None
+    ) -> Tensor:
+        """Score-based denoising in one step (Tweedie's formula; TarFlow, arXiv:2412.06329):
+        ``x + sigma^2 grad_x log p(x)``, the posterior mean of the clean image given x when p is
+        the density of clean images plus N(0, sigma^2 I) noise, which a model trained with
+        Gaussian noise augmentation (`nfcv.dequant.GaussianDequantization`) learns.
+
+        `sigma` defaults to that noise's standard deviation (`noise_std`); a model trained
+        without Gaussian noise has none, and needs `sigma` given. Not clamped to [0, 1]."""
+        if sigma is None:
+            sigma = self.noise_std
+            if sigma is None:
+                raise ValueError(
+                    "this model was trained without Gaussian noise (dequantization "
+                    f"{type(self.dequantizer).__name__}), so it has no noise level for "
+                    "Tweedie's formula: pass sigma= (or train with dequant=gaussian)"
+                )
+        try:
+            s = float(sigma)
+        except (TypeError, ValueError):
+            s = math.nan
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(
+                f"sigma must be a finite number > 0 (a noise level in [0, 1] image units), got "
+                f"{sigma!r}"
+            )
+        return (x + s * s * self.score(x, labels)).detach()
+
     @torch.no_grad()
     def sample(
         self,
@@ -280,11 +353,14 @@ class ImageFlow(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
         label: int | Tensor | None = None,
+        denoise_sigma: float | None = None,
     ) -> Tensor:
         """n images in [0, 1]: ``inverse(temperature * randn)``, clamped to the image range.
 
         Class-conditional models draw the top block from class `label`'s prior (an int for all
         n, or a (n,) tensor); without a label, image i gets class ``i % num_classes``.
+        `denoise_sigma`: denoise the draws with `denoise` at that noise level before the clamp
+        (e.g. ``model.noise_std`` for a model trained with Gaussian noise); None: no denoising.
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"n must be an integer >= 1 (images to draw), got {n!r}")
@@ -301,6 +377,7 @@ class ImageFlow(nn.Module):
         eps = temperature * torch.randn(
             n, self.dim, generator=generator, device=device, dtype=dtype
         )
+        labels = None
         if self.class_prior is not None:
             if label is None:
                 labels = torch.arange(n, device=device) % self.num_classes
@@ -310,7 +387,10 @@ class ImageFlow(nn.Module):
             eps = torch.cat([eps[:, :-top], self.class_prior.to_latent(eps[:, -top:], labels)], 1)
         elif label is not None:
             raise ValueError("label= needs a class-conditional model (model.conditional=true)")
-        return self.inverse(eps).clamp(0.0, 1.0)
+        x = self.inverse(eps)
+        if denoise_sigma is not None:
+            x = self.denoise(x, denoise_sigma, labels)
+        return x.clamp(0.0, 1.0)
 
     def check_range(self, x_int: Tensor) -> None:
         """Raise `DataRangeError` unless every value is an integer in [0, num_bins - 1]."""
@@ -337,6 +417,12 @@ class ImageFlow(nn.Module):
         self._check_images(x_int)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if k > 1 and not self.discrete_bound:
+            raise ValueError(
+                f"k={k}: importance samples tighten a bound on the discrete likelihood, and this "
+                "model was trained with Gaussian noise (its figure is the continuous density of "
+                "the noised images, which has no bound to tighten): use k=1"
+            )
         self._check_labels(labels, x_int.shape[0], values=check)
         if check:
             self.check_range(x_int)
@@ -355,27 +441,23 @@ class ImageFlow(nn.Module):
         b = x_int.shape[0]
         x = x_int.to(self.dtype)
         per_pass = 1 if k == 1 else max(1, MAX_IMAGES_PER_PASS // b)
+        # Densities on [0, 1]^D -> probabilities of bins; none for Gaussian noise augmentation,
+        # whose figure is the continuous density of the noised images.
+        discrete = self.dim * math.log(self.num_bins) if self.discrete_bound else 0.0
         for start in range(0, k, per_pass):
             m = min(per_pass, k - start)
             xs = x.repeat(m, 1, 1, 1) if m > 1 else x
             ys = labels.to(x.device).repeat(m) if labels is not None and m > 1 else labels
             y, log_q = self.dequantizer(xs, self.num_bins)
             eps, logdet = self.transform(y)
-            yield (
-                m,
-                LogWeightParts(
-                    self.latent_log_probs(eps, ys),
-                    logdet,
-                    log_q,
-                    self.dim * math.log(self.num_bins),
-                ),
-            )
+            yield m, LogWeightParts(self.latent_log_probs(eps, ys), logdet, log_q, discrete)
 
     def log_weights(self, x_int: Tensor, labels: Tensor | None = None) -> Tensor:
         """One importance weight per image: ``log p(y) - log q(u|x) - D log(num_bins)``, nats.
 
         A lower bound on log P(x) for the discrete image x (one dequantization sample);
-        `labels` for a class-conditional model.
+        `labels` for a class-conditional model. With Gaussian noise augmentation
+        (`discrete_bound` False): ``log p(y)`` of the noised image, no bound.
         """
         ((_, parts),) = self.log_weight_passes(x_int, 1, labels)
         return parts.total()
@@ -385,7 +467,10 @@ class ImageFlow(nn.Module):
     ) -> Tensor:
         """Discrete bits per dim of integer images, shape (B,), with k dequantization samples.
 
-        ``k > 1`` gives the importance-weighted bound ``logsumexp_k(log w_k) - log k``.
+        ``k > 1`` gives the importance-weighted bound ``logsumexp_k(log w_k) - log k``. For a
+        model trained with Gaussian noise (``discrete_bound`` False) the figure is instead the
+        continuous ``-log2 p(y) / D`` of the noised images ``y = (x + 1/2) / num_bins + sigma
+        n``, no bound on the discrete likelihood (`figure` says so), and k must be 1.
         `check=False` skips the pixel-range check (for data validated already). `labels`: the
         classes, for a class-conditional model (then the figure is for p(x | y)).
         """

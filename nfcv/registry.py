@@ -59,7 +59,7 @@ DATA_MODULES = (
     "MNISTDataModule",
     "SVHNDataModule",
 )
-DEQUANTIZERS = ("UniformDequantization", "VariationalDequantization")
+DEQUANTIZERS = ("UniformDequantization", "VariationalDequantization", "GaussianDequantization")
 OPTIMIZERS = ("Adam", "Adamax", "AdamW", "SGD")
 
 # The parts of a stored train config that record how the run was wired and that loading never

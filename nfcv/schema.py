@@ -168,6 +168,12 @@ class UniformSchema:
 
 
 @dataclass
+class GaussianSchema:
+    _target_: str = "nfcv.dequant.GaussianDequantization"
+    noise_std: float = 0.05
+
+
+@dataclass
 class VariationalSchema:
     _target_: str = "nfcv.dequant.VariationalDequantization"
     image_shape: list[int] = MISSING
@@ -262,7 +268,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
     },
-    "dequant": {"uniform": UniformSchema, "variational": VariationalSchema},
+    "dequant": {
+        "uniform": UniformSchema,
+        "variational": VariationalSchema,
+        "gaussian": GaussianSchema,
+    },
     "optim": {"optim": OptimSchema},
     "trainer": {"trainer": TrainerSchema},
 }

@@ -2,6 +2,8 @@
 
 For each checkpoint: the mean bits per dim with its standard error, the breakdown into latent
 levels, log-determinant and dequantization (`nfcv.evaluate`), optionally one CSV row per image;
+a checkpoint trained with Gaussian noise (``dequant=gaussian``) is labelled as what its figure
+is, the continuous bits per dim of the noised images, never as a discrete bound;
 for several checkpoints also one comparison table, with each one's difference from the first
 and the paired standard error of that difference (same images, same noise).
 """
@@ -101,6 +103,12 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
     k, batch_size, seed = int_arg(cfg, "k"), int_arg(cfg, "batch_size"), int_arg(cfg, "seed", 0)
     loaded = load_checkpoint(ckpt, map_location=device, ema=ema_arg(cfg))
     model = loaded.model
+    if k > 1 and not model.discrete_bound:
+        raise ConfigError(
+            f"k={k}: importance samples tighten a bound on the discrete likelihood, and {ckpt} "
+            "was trained with Gaussian noise (dequant=gaussian: its figure is the continuous "
+            "density of the noised images, with no bound to tighten): use k=1"
+        )
     datamodule = data_module(cfg, loaded, batch_size=batch_size)
     datamodule.device = torch.device(device)  # pinned batches when evaluating on CUDA
     loader = datamodule.eval_loader(cfg.split)
@@ -134,10 +142,16 @@ def evaluate_checkpoint(cfg: DictConfig, ckpt: Path, label: str) -> tuple[dict, 
         "ema": loaded.uses_ema,
         "bpd": result.mean(),
         "bpd_stderr": result.stderr(),
+        # What "bpd" is: a bound on the discrete likelihood, or (a model trained with Gaussian
+        # noise) the continuous density of the noised images.
+        "discrete_bound": model.discrete_bound,
+        "figure": model.figure(),
         "breakdown": result.breakdown(),
         "seconds": round(time.perf_counter() - start, 2),
         "nfcv_version": nfcv.__version__,
     }
+    if model.noise_std is not None:
+        record["noise_std"] = model.noise_std
     # Same data as in training? Comparable only for the same dataset (not data=... OOD scores).
     trained = loaded.data_info.get("files", {}).get("sha256")
     now = (record["data"].get("files") or {}).get("sha256")
@@ -177,10 +191,13 @@ def comparison_table(records: list[dict], results: list[SplitEvaluation]) -> lis
             "bpd_stderr": rec["bpd_stderr"],
         }
         first = records[0]
-        same = (rec["data"]["name"], rec["num_images"]) == (
+        # A continuous figure (Gaussian noise) and a discrete bound are different quantities.
+        same = (rec["data"]["name"], rec["num_images"], rec.get("figure")) == (
             first["data"]["name"],
             first["num_images"],
+            first.get("figure"),
         )
+        row["discrete_bound"] = rec.get("discrete_bound", True)
         if i > 0 and same:
             row["diff_vs_first"], row["diff_stderr"] = _paired(results[0], res)
         rows.append(row)
@@ -199,6 +216,12 @@ def format_comparison(rows: list[dict]) -> str:
             f"  {r['index']:<3}{r['label'][: width - 2]:<{width}}{str(r['model']):<8}"
             f"{r['data']:<15}{'yes' if r['ema'] else 'no':<5}{r['bpd']:>9.4f}"
             f"{r['bpd_stderr']:>9.4f}{diff}"
+            + ("" if r.get("discrete_bound", True) else "  (continuous)")
+        )
+    if not all(r.get("discrete_bound", True) for r in rows):
+        lines.append(
+            "  (continuous): trained with Gaussian noise; its figure is the continuous bits per "
+            "dim of the noised images, not a discrete bits-per-dim bound (see its JSON)"
         )
     return "\n".join(lines)
 
@@ -235,10 +258,11 @@ def evaluate(cfg: DictConfig) -> dict:
         records.append(record)
         results.append(result)
         weights = "EMA weights" if record["ema"] else "weights"
+        units = "bits/dim" if record["discrete_bound"] else record["figure"]
         print(
             f"nfcv: {record['model']} ({weights} of {ckpt}) on {record['data']['name']} "
             f"{cfg.split} ({record['num_images']} images, k={record['k']}): "
-            f"{record['bpd']:.4f} +/- {record['bpd_stderr']:.4f} bits/dim\n"
+            f"{record['bpd']:.4f} +/- {record['bpd_stderr']:.4f} {units}\n"
             f"{format_breakdown(record['breakdown'], record['bpd'])}\n"
             f"  json: {out}" + (f"\n  csv:  {record['per_image_csv']}" if cfg.per_image else "")
         )

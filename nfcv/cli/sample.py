@@ -100,6 +100,42 @@ def _label(cfg: DictConfig, model: ImageFlow) -> int | None:
     return label
 
 
+def _denoise_sigma(cfg: DictConfig, model: ImageFlow, mode: str) -> float | None:
+    """``denoise=true``: Tweedie's one-step denoising (`ImageFlow.denoise`) at the noise level the
+    model was trained with (``dequant=gaussian``), or at ``denoise_sigma=``; None: off."""
+    denoise, sigma = cfg.get("denoise", False), cfg.get("denoise_sigma")
+    if not isinstance(denoise, bool):
+        raise ConfigError(f"denoise must be true or false, got denoise={show(denoise)}")
+    if not denoise:
+        if sigma is not None:
+            raise ConfigError(
+                "denoise_sigma= is the noise level of denoise=true: add denoise=true, or drop "
+                "denoise_sigma="
+            )
+        return None
+    if mode == "reconstruct":
+        raise ConfigError(
+            "denoise=true works on images the model generates (mode=grid, npz, interpolate); "
+            "mode=reconstruct shows decode(encode(x)) of real images: drop denoise=true"
+        )
+    if sigma is None:
+        if model.noise_std is None:
+            raise ConfigError(
+                "denoise=true needs the noise level the model was trained with, and this "
+                "checkpoint was trained without Gaussian noise "
+                f"({type(model.dequantizer).__name__}; dequant=gaussian trains with it): give "
+                "denoise_sigma=S to denoise at level S anyway"
+            )
+        return model.noise_std
+    ok = isinstance(sigma, int | float) and not isinstance(sigma, bool) and 0 < sigma < 1e3
+    if not ok:  # False for NaN
+        raise ConfigError(
+            f"denoise_sigma must be a number > 0 (a noise level in [0, 1] image units, e.g. "
+            f"0.05), got denoise_sigma={show(sigma)}"
+        )
+    return float(sigma)
+
+
 NPZ_KEYS = {"images", "images_float", "temperature", "num_bins"}
 NPZ = "an nfcv-sample npz"
 
@@ -146,14 +182,18 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else _default_out(ckpt, mode)
     check_output(out, _is_samples_npz if mode == "npz" else None, NPZ)  # before the work
     weights = " (EMA weights)" if loaded.uses_ema else ""
+    sigma = _denoise_sigma(cfg, model, mode)
+    if sigma is not None:
+        weights += f", denoised by Tweedie's formula (sigma {sigma:g})"
 
     if mode == "grid":
         label = _label(cfg, model)
-        _save_grid(sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label), out)
+        grid = sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label, denoise_sigma=sigma)
+        _save_grid(grid, out)
         print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
     elif mode == "interpolate":
         x = _real_images(cfg, loaded, index)
-        grid, error = interpolation_grid(model, x, steps=steps, path=path)
+        grid, error = interpolation_grid(model, x, steps=steps, path=path, denoise_sigma=sigma)
         _save_grid(grid, out)
         print(
             f"nfcv: {path} interpolation through {cfg.split} images {index}, {steps} per "
@@ -169,7 +209,9 @@ def sample(cfg: DictConfig) -> Path:
             f"error {error:.2e} -> {out}"
         )
     else:
-        images, temperature = draw_samples(model, temps, n, batch_size=batch_size, seed=seed)
+        images, temperature = draw_samples(
+            model, temps, n, batch_size=batch_size, seed=seed, denoise_sigma=sigma
+        )
         levels = quantise(model, images)
         # Through a temporary file (a full disk leaves no truncated .npz), written as a file
         # object: the name is `out` as given, without the .npz that np.savez would append.

@@ -367,6 +367,9 @@ def _train(
         "best_ckpt": best,
         "last_ckpt": last,
         "samples": str(samples_path),
+        # What the bpd figures are: with dequant=gaussian the continuous density of the noised
+        # images, not a discrete bound (the metric keys stay */bpd for checkpoint selection).
+        "figure": module.model.figure(),
         "module": module,
     }
     if trainer.is_global_zero:
@@ -374,10 +377,13 @@ def _train(
         rate = summary["train_images_per_second"]
         # Timed after the first steps only (TrainSpeed's warm-up): a run that short has no figure.
         rate = f"{rate:.0f} training img/s" if math.isfinite(rate) else "too short to time"
+        kind = "" if module.model.discrete_bound else "continuous "
+        figure = "" if module.model.discrete_bound else f"  figure:      {summary['figure']}\n"
         print(
-            f"\nnfcv: {cfg.model.name} on {cfg.data.name}: test bpd {test_bpd:.4f} "
-            f"(best val bpd {summary['best_val_bpd']:.4f}, {summary['steps']} steps, "
+            f"\nnfcv: {cfg.model.name} on {cfg.data.name}: test {kind}bpd {test_bpd:.4f} "
+            f"(best val {kind}bpd {summary['best_val_bpd']:.4f}, {summary['steps']} steps, "
             f"{summary['total_seconds']:.0f} s, {rate})\n"
+            f"{figure}"
             f"  run folder:  {run_dir}\n"
             f"  checkpoint:  {best}\n"
             f"  last:        {last}\n"

@@ -66,7 +66,10 @@ def write_status(
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "log": _log_paths(run_dir),
     }
-    for key in ("test_bpd", "best_val_bpd", "steps", "total_seconds", "best_ckpt", "last_ckpt"):
+    for key in (
+        *("test_bpd", "best_val_bpd", "figure"),
+        *("steps", "total_seconds", "best_ckpt", "last_ckpt"),
+    ):
         if summary and key in summary:
             value = summary[key]
             record[key] = None if isinstance(value, float) and math.isnan(value) else value
