@@ -38,15 +38,19 @@ def sample_grid(
     nrow: int | None = None,
     seed: int = 0,
     label: int | None = None,
+    guidance=None,
 ) -> Tensor:
     """`n` samples per temperature laid out `nrow` to a row (default: one row per temperature),
     as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid. `label`: the class
-    of every sample of a class-conditional model (default: image i is class i % num_classes)."""
+    of every sample of a class-conditional model (default: image i is class i % num_classes).
+    `guidance`: a TarFlow's guided sampling (`nfcv.flows.tarflow.Guidance`)."""
     nrow = nrow or n
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with _eval_mode(model):
         blocks = [
-            model.sample(n, temperature=float(t), generator=generator, label=label)
+            model.sample(
+                n, temperature=float(t), generator=generator, label=label, guidance=guidance
+            )
             for t in temperatures
         ]
     return _grid(torch.cat(blocks), nrow)
@@ -148,6 +152,7 @@ def draw_samples(
     n: int,
     batch_size: int = 256,
     seed: int = 0,
+    guidance=None,
 ) -> tuple[Tensor, Tensor]:
     """`n` samples per temperature, `batch_size` at a time (bounded memory for the thousands a
     metric needs): ``(images (N, C, H, W) in [0, 1] on the CPU, temperature of each (N,))``.
@@ -158,6 +163,10 @@ def draw_samples(
         for t in temperatures:
             for start in range(0, n, batch_size):
                 m = min(batch_size, n - start)
-                images.append(model.sample(m, temperature=float(t), generator=generator).cpu())
+                images.append(
+                    model.sample(
+                        m, temperature=float(t), generator=generator, guidance=guidance
+                    ).cpu()
+                )
                 temps.append(torch.full((m,), float(t)))
     return torch.cat(images), torch.cat(temps)
