@@ -37,8 +37,15 @@ def test_cached_inverse_equals_cache_free_inverse_and_round_trips(flip, num_clas
     x = torch.randn(4, 6, 3, dtype=torch.float64)
     labels = torch.tensor([0, 2, -1, 1]) if num_classes else None
     z, logdet = block(x, labels)
-    cached, ld_cached = block.inverse(z, labels)
-    plain, ld_plain = block.inverse(z, labels, cache=False)
+    with torch.no_grad():  # the cache's preallocated buffers (without autograd)
+        cached, ld_cached = block.inverse(z, labels)
+        plain, ld_plain = block.inverse(z, labels, cache=False)
+    # With autograd the cache concatenates instead: the same values, and a gradient.
+    z_grad = z.detach().requires_grad_()
+    x_grad, _ = block.inverse(z_grad, labels)
+    torch.testing.assert_close(x_grad, cached, atol=1e-12, rtol=0)
+    x_grad.sum().backward()
+    assert torch.isfinite(z_grad.grad).all() and z_grad.grad.abs().sum() > 0
     torch.testing.assert_close(cached, plain, atol=1e-12, rtol=0)
     torch.testing.assert_close(ld_cached, ld_plain, atol=1e-12, rtol=0)
     torch.testing.assert_close(cached, x, atol=1e-12, rtol=0)

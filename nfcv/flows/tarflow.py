@@ -59,6 +59,34 @@ class Guidance:
             raise ValueError(f"attn_temp must be a finite number > 0, got {self.attn_temp}")
 
 
+class KVCache:
+    """The keys and values of the tokens seen so far, for one attention layer: (B, heads, t,
+    head_dim) each. Without autograd they are written into buffers sized for all `num_tokens`
+    at once (no copy of the past per step); with autograd (a gradient through the inverse) they
+    are concatenated, so that no tensor an earlier step read is overwritten."""
+
+    def __init__(self, num_tokens: int):
+        self.num_tokens, self.length = num_tokens, 0
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.parts: tuple[list[Tensor], list[Tensor]] = ([], [])
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.length
+        self.length += k.shape[2]
+        if torch.is_grad_enabled():
+            self.parts[0].append(k)
+            self.parts[1].append(v)
+            return torch.cat(self.parts[0], dim=2), torch.cat(self.parts[1], dim=2)
+        if self.keys is None:
+            b, heads, _, d = k.shape
+            self.keys = k.new_empty(b, heads, self.num_tokens, d)
+            self.values = v.new_empty(b, heads, self.num_tokens, d)
+        self.keys[:, :, t : self.length] = k
+        self.values[:, :, t : self.length] = v
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
 class TransformerLayer(nn.Module):
     """A pre-LayerNorm transformer layer: ``h + attn(LN(h))``, then ``h + mlp(LN(h))``, with
     causal multi-head self-attention through `scaled_dot_product_attention` (flash kernels on a
@@ -95,13 +123,11 @@ class TransformerLayer(nn.Module):
             q = q * q_scale.to(q.dtype)
         return self.finish(h, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def step(self, h: Tensor, cache: list[list[Tensor]], q_scale: Tensor | None = None) -> Tensor:
+    def step(self, h: Tensor, cache: KVCache, q_scale: Tensor | None = None) -> Tensor:
         """One new token `h` (B, 1, W) attending over itself and the tokens before it, whose keys
-        and values are in `cache` ([keys, values], appended to here)."""
+        and values are in `cache` (appended to here)."""
         q, k, v = self.qkv_heads(h)
-        cache[0].append(k)
-        cache[1].append(v)
-        keys, values = torch.cat(cache[0], dim=2), torch.cat(cache[1], dim=2)
+        keys, values = cache.append(k, v)
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         return self.finish(h, F.scaled_dot_product_attention(q, keys, values))
@@ -150,12 +176,12 @@ class TarFlowNet(nn.Module):
         self,
         x: Tensor,
         i: int,
-        caches: list[list[list[Tensor]]],
+        caches: list[KVCache],
         labels: Tensor | None = None,
         q_scale: Tensor | None = None,
     ) -> Tensor:
         """The hidden state at position i from token i (B, 1, D) and the cached keys and values
-        of the tokens before it (`caches`: one [keys, values] per layer)."""
+        of the tokens before it (`caches`: one per layer)."""
         h = self.embed(x, i, labels)
         for layer, cache in zip(self.layers, caches, strict=True):
             h = layer.step(h, cache, q_scale)
@@ -299,7 +325,7 @@ class TarFlowBlock(Bijector):
                 labels = torch.cat([cond, null])
             ones = z.new_ones(bsz, 1, 1, 1)
             q_scale = torch.cat([ones, ones / guidance.attn_temp])
-        caches = [[[], []] for _ in self.net.layers]
+        caches = [KVCache(n) for _ in self.net.layers]
         tokens = [at_least_float32(z[:, 0])]
         logdet = z.new_zeros(bsz, dtype=tokens[0].dtype)
         for i in range(n - 1):
