@@ -108,6 +108,23 @@ def _temperatures(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(_number(0, MAX_TEMPERATURE)(t) for t in v)
 
 
+def _patch_size(v: Any, cfg: DictConfig) -> bool:
+    """A patch size (the transformer flows) that divides the image's height and width."""
+    shape = OmegaConf.select(cfg, "model.image_shape", default=None)
+    if not _whole(v) or v < 1:
+        return False
+    try:
+        _, h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        return True  # the image shape's own rule reports it
+    return h % v == 0 and w % v == 0
+
+
+def _head_dim(v: Any, cfg: DictConfig) -> bool:
+    width = OmegaConf.select(cfg, "model.width", default=None)
+    return _whole(v) and v >= 1 and (not _whole(width) or width % v == 0)
+
+
 @dataclass(frozen=True)
 class Rule:
     key: str  # dotted path in the train config; a key the config does not have is skipped
@@ -127,6 +144,18 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.eval_batch_size", _integer(1), "an integer >= 1 (images per evaluation batch)"),
     Rule("data.num_workers", _integer(0), "an integer >= 0 (0: load in the main process)"),
     Rule("model.image_shape", _image_shape, "[channels, height, width], three integers >= 1"),
+    Rule(
+        "model.patch_size",
+        _patch_size,
+        "an integer >= 1 that divides the image's height and width (data.image_shape)",
+        with_config=True,
+    ),
+    Rule(
+        "model.head_dim",
+        _head_dim,
+        "an integer >= 1 that divides model.width (the width is split into heads of head_dim)",
+        with_config=True,
+    ),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),
     Rule("optim.warmup_steps", _integer(0), "an integer >= 0 (0: no warmup)"),
     Rule("trainer.max_steps", _integer(1), "an integer >= 1 (optimizer steps of the run)"),

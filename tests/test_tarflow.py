@@ -196,11 +196,24 @@ def test_preset_builds_and_trains_a_step_conditional():
     assert model.sample(3, label=2, guidance=Guidance(1.0)).shape == (3, 1, 8, 8)
 
 
+def test_bad_patch_size_and_width_fail_when_the_config_is_composed():
+    with pytest.raises(ConfigError, match=r"model.patch_size=3: .*divides the image's height"):
+        nfcv.compose(["model=tarflow", "model.patch_size=3"])
+    with pytest.raises(ConfigError, match=r"model.head_dim=32: .*divides model.width"):
+        nfcv.compose(["model=tarflow", "model.width=48"])
+    nfcv.compose(["model=tarflow", "data=fashion_mnist", "model.patch_size=7"])  # 28 = 4 x 7
+
+
 def test_bad_patch_size_and_width_fail_when_the_model_is_built():
+    # A config composed before the rules (a stored one) still fails when the model is built.
+    cfg = nfcv.compose(["model=tarflow"])
+    cfg.model.patch_size = 3
     with pytest.raises(ConfigError, match="patch size 3 does not divide the image size 8x8"):
-        nfcv.build_model(nfcv.compose(["model=tarflow", "model.patch_size=3"]))
+        nfcv.build_model(cfg)
+    cfg = nfcv.compose(["model=tarflow"])
+    cfg.model.width = 48
     with pytest.raises(ConfigError, match="width 48 is not a multiple of head_dim 32"):
-        nfcv.build_model(nfcv.compose(["model=tarflow", "model.width=48"]))
+        nfcv.build_model(cfg)
 
 
 def test_guidance_on_a_model_without_it_is_an_error():
