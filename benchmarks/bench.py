@@ -58,7 +58,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"data": "digits", "shape": [1, 8, 8], "width": 8, "K": 2, "L": 2, "batch": 4},
     "paper": {"data": "cifar10", "shape": [3, 32, 32], "width": 512, "K": 8, "L": 3, "batch": 16},
 }
-PRESETS = ("glow", "realnvp", "nice", "flowpp")
+PRESETS = ("glow", "realnvp", "nice", "flowpp", "tarflow")
 SAMPLE_N = 64
 
 
@@ -69,6 +69,8 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
     the ResNets, scales = L; its steps per scale are the paper's (3 checkerboard + 3 channel),
     2 residual blocks per network. NICE: units of the MLPs, K couplings (it has no levels).
     Flow++: filters, the CIFAR-10 scales of the authors' code, 2 blocks, 4 components.
+    TarFlow: the transformers' width, K blocks of 2 layers, heads of 32 channels (fewer when the
+    width is smaller), patch 4 on 28x28 and larger images (Fashion-MNIST: 49 tokens), else 2.
     """
     w, k, levels = size["width"], size["K"], size["L"]
     if preset == "glow":
@@ -84,6 +86,15 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
         return [f"model.hidden={w}", f"model.couplings={k}"]
     if preset == "flowpp":
         return [f"model.hidden={w}", "model.blocks=2", "model.components=4"]
+    if preset == "tarflow":
+        patch = 4 if size["shape"][1] >= 28 else 2
+        return [
+            f"model.width={w}",
+            f"model.head_dim={min(32, w)}",
+            f"model.blocks={k}",
+            "model.layers=2",
+            f"model.patch_size={patch}",
+        ]
     raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
 
 

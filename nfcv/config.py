@@ -114,6 +114,23 @@ def _preprocess_for_dequant(v: Any, cfg: DictConfig) -> bool:
     return not (v == "nfcv.flows.Logit" and dequant == "nfcv.dequant.GaussianDequantization")
 
 
+def _patch_size(v: Any, cfg: DictConfig) -> bool:
+    """A patch size (the transformer flows) that divides the image's height and width."""
+    shape = OmegaConf.select(cfg, "model.image_shape", default=None)
+    if not _whole(v) or v < 1:
+        return False
+    try:
+        _, h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        return True  # the image shape's own rule reports it
+    return h % v == 0 and w % v == 0
+
+
+def _head_dim(v: Any, cfg: DictConfig) -> bool:
+    width = OmegaConf.select(cfg, "model.width", default=None)
+    return _whole(v) and v >= 1 and (not _whole(width) or width % v == 0)
+
+
 @dataclass(frozen=True)
 class Rule:
     key: str  # dotted path in the train config; a key the config does not have is skipped
@@ -149,6 +166,18 @@ VALUE_RULES: tuple[Rule, ...] = (
         "a preprocessing defined on every real number with dequant=gaussian (its noise leaves "
         "[0, 1], and the logit takes [0, 1] only): use model=glow, nice, maf, hint or ffjord, "
         "or dequant=uniform|variational",
+        with_config=True,
+    ),
+    Rule(
+        "model.patch_size",
+        _patch_size,
+        "an integer >= 1 that divides the image's height and width (data.image_shape)",
+        with_config=True,
+    ),
+    Rule(
+        "model.head_dim",
+        _head_dim,
+        "an integer >= 1 that divides model.width (the width is split into heads of head_dim)",
         with_config=True,
     ),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),

@@ -39,11 +39,13 @@ def sample_grid(
     seed: int = 0,
     label: int | None = None,
     denoise_sigma: float | None = None,
+    guidance=None,
 ) -> Tensor:
     """`n` samples per temperature laid out `nrow` to a row (default: one row per temperature),
     as a (3, H', W') image grid in [0, 1]. The same seed gives the same grid. `label`: the class
     of every sample of a class-conditional model (default: image i is class i % num_classes).
-    `denoise_sigma`: denoise each sample by Tweedie's formula (`ImageFlow.denoise`)."""
+    `denoise_sigma`: denoise each sample by Tweedie's formula (`ImageFlow.denoise`).
+    `guidance`: a TarFlow's guided sampling (`nfcv.flows.tarflow.Guidance`)."""
     nrow = nrow or n
     generator = torch.Generator(device=model.device).manual_seed(seed)
     with _eval_mode(model):
@@ -53,6 +55,7 @@ def sample_grid(
                 temperature=float(t),
                 generator=generator,
                 label=label,
+                guidance=guidance,
                 denoise_sigma=denoise_sigma,
             )
             for t in temperatures
@@ -164,6 +167,7 @@ def draw_samples(
     batch_size: int = 256,
     seed: int = 0,
     denoise_sigma: float | None = None,
+    guidance=None,
 ) -> tuple[Tensor, Tensor]:
     """`n` samples per temperature, `batch_size` at a time (bounded memory for the thousands a
     metric needs): ``(images (N, C, H, W) in [0, 1] on the CPU, temperature of each (N,))``.
@@ -177,7 +181,11 @@ def draw_samples(
                 m = min(batch_size, n - start)
                 images.append(
                     model.sample(
-                        m, temperature=float(t), generator=generator, denoise_sigma=denoise_sigma
+                        m,
+                        temperature=float(t),
+                        generator=generator,
+                        guidance=guidance,
+                        denoise_sigma=denoise_sigma,
                     ).cpu()
                 )
                 temps.append(torch.full((m,), float(t)))

@@ -151,7 +151,16 @@ class ImageFlow(nn.Module):
             )
         self.num_classes = int(num_classes) if num_classes else None
         self.class_prior = None
-        if self.num_classes:
+        # A flow that reads the labels itself (TarFlow's class embedding) gets them through
+        # `context`; its base stays N(0, I). Other flows get a class-conditional prior.
+        self.labels_in_flow = bool(getattr(flow, "label_conditional", False))
+        flow_classes = getattr(flow, "num_classes", None) if self.labels_in_flow else None
+        if self.labels_in_flow and flow_classes != self.num_classes:
+            raise ValueError(
+                f"the flow is class-conditional with {flow_classes} classes but the model has "
+                f"num_classes={self.num_classes}: build both from the same model.num_classes"
+            )
+        if self.num_classes and not self.labels_in_flow:
             shapes = getattr(flow, "factored_shapes", None)
             top = tuple(shapes[-1]) if shapes else (self.latent_sizes[-1],)
             self.class_prior = ClassConditionalPrior(top, self.num_classes)
@@ -163,8 +172,9 @@ class ImageFlow(nn.Module):
         (RealNVP's networks) sees each batch twice in training, so its running statistics move
         twice as fast. Returns the number of networks affected."""
         from nfcv.flows.coupling import Coupling
+        from nfcv.flows.tarflow import TarFlowBlock
 
-        layers = [m for m in self.modules() if isinstance(m, Coupling)]
+        layers = [m for m in self.modules() if isinstance(m, Coupling | TarFlowBlock)]
         for layer in layers:
             layer.checkpoint_grads = bool(enabled)
         return len(layers)
@@ -174,8 +184,9 @@ class ImageFlow(nn.Module):
         names and checkpoints are unchanged); keyword arguments go to `torch.compile`. Returns
         the number of networks compiled."""
         from nfcv.flows.coupling import Coupling
+        from nfcv.flows.tarflow import TarFlowBlock
 
-        layers = [m for m in self.modules() if isinstance(m, Coupling)]
+        layers = [m for m in self.modules() if isinstance(m, Coupling | TarFlowBlock)]
         for layer in layers:
             layer.net.compile(**kwargs)
         return len(layers)
@@ -238,7 +249,7 @@ class ImageFlow(nn.Module):
         index in range (a host read of the labels: skipped in training steps after the first)."""
         if labels is None:
             return
-        if self.class_prior is None:
+        if not self.num_classes:
             raise ValueError(
                 "labels= given, but this model is not class-conditional (it models p(x); train "
                 "with model.conditional=true for p(x | y)): drop the labels"
@@ -251,21 +262,41 @@ class ImageFlow(nn.Module):
         if values:
             self.class_prior.check_labels(labels)
 
-    def transform(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in [0, 1] -> (eps of shape (B, D), log|det d eps / dx| of shape (B,))."""
+    def transform(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Images in [0, 1] -> (eps of shape (B, D), log|det d eps / dx| of shape (B,)).
+
+        `labels` matter only to a flow that reads them (a class-conditional TarFlow; without
+        them it runs as its null class, the same bijection both ways); others ignore them."""
         self._check_images(x)
         logdet = x.new_zeros(x.shape[0])
         if self.preprocess is not None:
             x, ld = self.preprocess(x)
             logdet = logdet + ld
-        eps, ld = self.flow(x)
+        if self.labels_in_flow and labels is not None:
+            eps, ld = self.flow(x, labels)
+        else:
+            eps, ld = self.flow(x)
         return eps, logdet + ld
 
-    def inverse(self, eps: Tensor) -> Tensor:
-        """Exact inverse of `transform`: (B, D) latents -> (B, C, H, W) images."""
+    def inverse(self, eps: Tensor, labels: Tensor | None = None, guidance=None) -> Tensor:
+        """Exact inverse of `transform` (given the same `labels`): (B, D) latents -> (B, C, H,
+        W) images. `guidance` (an `nfcv.flows.tarflow.Guidance`) guides a TarFlow's sampling, and
+        the result is then no longer the inverse."""
         if eps.dim() != 2 or eps.shape[1] != self.dim:
             raise ValueError(f"expected latents of shape (B, {self.dim}), got {tuple(eps.shape)}")
-        x, _ = self.flow.inverse(eps)
+        if guidance is not None and getattr(guidance, "scale", 0) > 0:
+            if not hasattr(self.flow, "label_conditional"):
+                raise ValueError(
+                    f"guidance needs a TarFlow model (model=tarflow); this one is "
+                    f"{type(self.flow).__name__}, which has no guided sampling"
+                )
+            x, _ = self.flow.inverse(
+                eps, labels if self.labels_in_flow else None, guidance=guidance
+            )
+        elif self.labels_in_flow and labels is not None:
+            x, _ = self.flow.inverse(eps, labels)
+        else:
+            x, _ = self.flow.inverse(eps)
         if self.preprocess is not None:
             x, _ = self.preprocess.inverse(x)
         return x
@@ -277,6 +308,10 @@ class ImageFlow(nn.Module):
         out = [standard_normal_log_prob(b) for b in blocks[:-1]]
         if self.class_prior is None:
             self._check_labels(labels, eps.shape[0])
+            if self.labels_in_flow and labels is None:
+                raise ValueError(
+                    "this model is class-conditional (its densities are p(x | y)): pass the labels"
+                )
             return [*out, standard_normal_log_prob(blocks[-1])]
         if labels is None:
             raise ValueError(
@@ -297,8 +332,8 @@ class ImageFlow(nn.Module):
                 f"[{lo:g}, {hi:g}]: pass images scaled to [0, 1] (integer pixel values go to "
                 "bits_per_dim)"
             )
-        eps, logdet = self.transform(x)
-        if self.class_prior is None:
+        eps, logdet = self.transform(x, labels)
+        if self.class_prior is None and not self.labels_in_flow:
             return standard_normal_log_prob(eps) + logdet
         return torch.stack(self.latent_log_probs(eps, labels)).sum(0) + logdet
 
@@ -312,7 +347,7 @@ class ImageFlow(nn.Module):
         self._check_labels(labels, x.shape[0])
         with torch.enable_grad():
             y = x.detach().requires_grad_(True)
-            eps, logdet = self.transform(y)
+            eps, logdet = self.transform(y, labels)
             log_p = torch.stack(self.latent_log_probs(eps, labels)).sum(0) + logdet
             (grad,) = torch.autograd.grad(log_p.sum(), y)
         return grad.detach()
@@ -354,11 +389,13 @@ class ImageFlow(nn.Module):
         generator: torch.Generator | None = None,
         label: int | Tensor | None = None,
         denoise_sigma: float | None = None,
+        guidance=None,
     ) -> Tensor:
         """n images in [0, 1]: ``inverse(temperature * randn)``, clamped to the image range.
 
         Class-conditional models draw the top block from class `label`'s prior (an int for all
-        n, or a (n,) tensor); without a label, image i gets class ``i % num_classes``.
+        n, or a (n,) tensor), or a TarFlow decodes with class `label`; without a label, image i
+        gets class ``i % num_classes``. `guidance`: an `nfcv.flows.tarflow.Guidance` (TarFlow).
         `denoise_sigma`: denoise the draws with `denoise` at that noise level before the clamp
         (e.g. ``model.noise_std`` for a model trained with Gaussian noise); None: no denoising.
         """
@@ -378,16 +415,17 @@ class ImageFlow(nn.Module):
             n, self.dim, generator=generator, device=device, dtype=dtype
         )
         labels = None
-        if self.class_prior is not None:
+        if self.num_classes:
             if label is None:
                 labels = torch.arange(n, device=device) % self.num_classes
             else:
                 labels = torch.as_tensor(label, device=device).long().expand(n)
-            top = self.latent_sizes[-1]
-            eps = torch.cat([eps[:, :-top], self.class_prior.to_latent(eps[:, -top:], labels)], 1)
         elif label is not None:
             raise ValueError("label= needs a class-conditional model (model.conditional=true)")
-        x = self.inverse(eps)
+        if self.class_prior is not None:
+            top = self.latent_sizes[-1]
+            eps = torch.cat([eps[:, :-top], self.class_prior.to_latent(eps[:, -top:], labels)], 1)
+        x = self.inverse(eps, labels, guidance=guidance)
         if denoise_sigma is not None:
             x = self.denoise(x, denoise_sigma, labels)
         return x.clamp(0.0, 1.0)
@@ -449,7 +487,7 @@ class ImageFlow(nn.Module):
             xs = x.repeat(m, 1, 1, 1) if m > 1 else x
             ys = labels.to(x.device).repeat(m) if labels is not None and m > 1 else labels
             y, log_q = self.dequantizer(xs, self.num_bins)
-            eps, logdet = self.transform(y)
+            eps, logdet = self.transform(y, ys)
             yield m, LogWeightParts(self.latent_log_probs(eps, ys), logdet, log_q, discrete)
 
     def log_weights(self, x_int: Tensor, labels: Tensor | None = None) -> Tensor:

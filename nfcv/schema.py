@@ -159,6 +159,19 @@ class FlowPPSchema(ModelSchema):
     alpha: float = 0.05
 
 
+@dataclass
+class TarFlowSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    patch_size: int = 2
+    blocks: int = 4
+    layers: int = 2
+    width: int = 64
+    head_dim: int = 32
+    expansion: int = 4
+    label_dropout: float = 0.1  # class-conditional: labels replaced by the null class (CFG)
+    block: Any = MISSING  # the catalogue layer tarflow_block (`_target_` block, partial)
+
+
 # -------------------------------------------------------------------------------------- dequant
 
 
@@ -267,6 +280,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "nice": NICESchema,
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
+        "tarflow": TarFlowSchema,
     },
     "dequant": {
         "uniform": UniformSchema,

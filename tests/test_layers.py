@@ -38,6 +38,8 @@ from nfcv.flows import (
     SplitPrior,
     Squeeze,
     SwapHalves,
+    TarFlow,
+    TarFlowBlock,
     Triangular1x1,
     VectorAdditiveCoupling,
     VectorScale,
@@ -80,6 +82,11 @@ def _flowpp(shape, scales=((0, 1), (1, 1)), factor_out=False):
     return flow
 
 
+def _tarflow(shape):
+    block = functools.partial(TarFlowBlock, width=8, layers=1, head_dim=4)
+    return TarFlow(shape, patch_size=2, num_blocks=2, block=block)
+
+
 def _glow_step(c):
     return Sequential([_actnorm(c), InvConv1x1LU(c), AffineCoupling(c, NET)])
 
@@ -103,8 +110,10 @@ CATALOGUE_OVERRIDES = {
     # The ODE solver's tolerance; the exact trace costs D backward passes per evaluation, so
     # the ODE layer is checked on a smaller input.
     "ffjord": {"hidden": 4, "rtol": 1e-7, "atol": 1e-7},
+    "tarflow_block": {"width": 8, "head_dim": 4, "layers": 2},
 }
-SHAPES = {"ffjord": (2, 2, 2)}
+# Token layers take (N, D): N tokens of D values.
+SHAPES = {"ffjord": (2, 2, 2), "tarflow_block": (5, 3)}
 # Layers exact only to a stated tolerance: (float64 inverse, float32 inverse, log-det).
 TOLERANCES = {"ffjord": (1e-5, 1e-3, 1e-6)}
 EXACT = (1e-10, 1e-4, 1e-8)
@@ -198,6 +207,15 @@ LAYERS.update(
             (1, 4, 4),
         ),
         "flowpp": (lambda c: _perturb(_flowpp((2, 4, 4)), 0.05), (2, 4, 4)),
+        # TarFlow: a block on the reversed token order, a class-conditional one (no context:
+        # its null class), and the whole model (patches, blocks of both orders, flatten).
+        "tarflow_block_flip_conditional": (
+            lambda c: _perturb(
+                TarFlowBlock(4, 3, width=8, layers=1, head_dim=4, flip=True, num_classes=3), 0.2
+            ),
+            (4, 3),
+        ),
+        "tarflow": (lambda c: _perturb(_tarflow((2, 4, 4)), 0.1), (2, 4, 4)),
         "flowpp_factor_out": (
             lambda c: _perturb(_flowpp((2, 4, 4), scales=[[0, 1], [1, 1]], factor_out=True), 0.05),
             (2, 4, 4),

@@ -30,6 +30,13 @@ PRESETS = {
         # Bisection to below the float64 checks' tolerance.
         "model.flow.coupling.tol=1e-12",
     ],
+    "tarflow": [
+        "model=tarflow",
+        "model.width=8",
+        "model.head_dim=4",
+        "model.blocks=2",
+        "model.layers=1",
+    ],
 }
 VARIATIONAL = [
     "dequant=variational",

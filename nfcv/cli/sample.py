@@ -136,6 +136,37 @@ def _denoise_sigma(cfg: DictConfig, model: ImageFlow, mode: str) -> float | None
     return float(sigma)
 
 
+def _guidance(cfg: DictConfig, model: ImageFlow, mode: str):
+    """``guidance=G guidance_anneal= attn_temp=``: TarFlow's guided sampling, or None (G = 0)."""
+    from nfcv.flows.tarflow import Guidance
+
+    g, temp = cfg.get("guidance", 0), cfg.get("attn_temp")
+    ok = isinstance(g, int | float) and not isinstance(g, bool) and 0 <= g <= MAX_TEMPERATURE
+    if not ok:
+        raise ConfigError(f"guidance must be a number >= 0 (0: none), got guidance={show(g)}")
+    if temp is not None and not (
+        isinstance(temp, int | float) and not isinstance(temp, bool) and 0 < temp <= 100
+    ):
+        raise ConfigError(f"attn_temp must be a number in (0, 100], got attn_temp={show(temp)}")
+    if g == 0:
+        return None
+    if mode not in ("grid", "npz"):
+        raise ConfigError(f"guidance= guides sampling (mode=grid or npz), not mode={mode}")
+    if not hasattr(model.flow, "label_conditional"):
+        raise ConfigError(
+            f"guidance={show(g)} needs a TarFlow checkpoint (model=tarflow): its guidance acts "
+            f"on the (a, b) of each token; this checkpoint is "
+            f"{(model.config or {}).get('model', {}).get('name', type(model.flow).__name__)}"
+        )
+    if not model.labels_in_flow and (temp is None or temp == 1):
+        raise ConfigError(
+            "this TarFlow is unconditional, so guidance= is attention-temperature guidance: set "
+            "attn_temp to a temperature other than 1 (e.g. attn_temp=1.5), or sample a "
+            "class-conditional TarFlow (model.conditional=true) for classifier-free guidance"
+        )
+    return Guidance(float(g), bool(cfg.get("guidance_anneal", False)), float(temp or 1.0))
+
+
 NPZ_KEYS = {"images", "images_float", "temperature", "num_bins"}
 NPZ = "an nfcv-sample npz"
 
@@ -185,12 +216,23 @@ def sample(cfg: DictConfig) -> Path:
     sigma = _denoise_sigma(cfg, model, mode)
     if sigma is not None:
         weights += f", denoised by Tweedie's formula (sigma {sigma:g})"
+    guidance = _guidance(cfg, model, mode)
+    guided = f", guidance {guidance}" if guidance else ""
 
     if mode == "grid":
         label = _label(cfg, model)
-        grid = sample_grid(model, temps, n, nrow=nrow, seed=seed, label=label, denoise_sigma=sigma)
+        grid = sample_grid(
+            model,
+            temps,
+            n,
+            nrow=nrow,
+            seed=seed,
+            label=label,
+            guidance=guidance,
+            denoise_sigma=sigma,
+        )
         _save_grid(grid, out)
-        print(f"nfcv: {n} samples per temperature {temps}{weights} -> {out}")
+        print(f"nfcv: {n} samples per temperature {temps}{weights}{guided} -> {out}")
     elif mode == "interpolate":
         x = _real_images(cfg, loaded, index)
         grid, error = interpolation_grid(model, x, steps=steps, path=path, denoise_sigma=sigma)
@@ -210,7 +252,13 @@ def sample(cfg: DictConfig) -> Path:
         )
     else:
         images, temperature = draw_samples(
-            model, temps, n, batch_size=batch_size, seed=seed, denoise_sigma=sigma
+            model,
+            temps,
+            n,
+            batch_size=batch_size,
+            seed=seed,
+            guidance=guidance,
+            denoise_sigma=sigma,
         )
         levels = quantise(model, images)
         # Through a temporary file (a full disk leaves no truncated .npz), written as a file
@@ -224,7 +272,7 @@ def sample(cfg: DictConfig) -> Path:
                 num_bins=np.int64(model.num_bins),
             )
         print(
-            f"nfcv: {len(images)} samples ({n} per temperature {temps}){weights}, "
+            f"nfcv: {len(images)} samples ({n} per temperature {temps}){weights}{guided}, "
             f"shape {tuple(images.shape)}, levels 0..{model.num_bins - 1} -> {out}"
         )
     return out

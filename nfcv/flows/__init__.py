@@ -30,6 +30,7 @@ from nfcv.flows.nets import MLP, FlowppNet, GlowNet, ResNetNet, ZeroConv2d
 from nfcv.flows.patch import Patchify
 from nfcv.flows.permute import ChannelPermutation
 from nfcv.flows.presets import NICE, FlowPP, RealNVP, VectorAdditiveCoupling, VectorScale
+from nfcv.flows.tarflow import TarFlow, TarFlowBlock, TarFlowNet
 
 __all__ = [
     "ActNorm",
@@ -72,6 +73,9 @@ __all__ = [
     "SplitPrior",
     "Squeeze",
     "SwapHalves",
+    "TarFlow",
+    "TarFlowBlock",
+    "TarFlowNet",
     "Triangular1x1",
     "VectorAdditiveCoupling",
     "VectorScale",

@@ -255,7 +255,8 @@ def what_was_built(cfg: Mapping[str, Any], model: Any, trainer: L.Trainer) -> st
     """One line before training: preset, its size, dataset, parameters, device and precision
     (and the paper's setup, when the run is not it)."""
     m = cfg["model"]
-    size = ", ".join(f"{k}={m[k]}" for k in ("levels", "steps", "hidden") if k in m)
+    keys = ("levels", "steps", "hidden", "patch_size", "blocks", "layers", "width")
+    size = ", ".join(f"{k}={m[k]}" for k in keys if k in m)
     params = sum(p.numel() for p in model.parameters())
     shape = "x".join(str(s) for s in cfg["data"].get("image_shape", ()))
     line = (
