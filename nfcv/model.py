@@ -19,6 +19,16 @@ from nfcv.flows.base import Bijector
 MAX_IMAGES_PER_PASS = 1024
 
 
+def check_class_labels(y: Tensor, num_classes: int) -> None:
+    """Raise unless `y` is a (B,) tensor of class indices in [0, num_classes) (reads them on the
+    host: done once by callers that validate, not in every training step)."""
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or (y.numel() and (y.min() < 0 or y.max() >= num_classes)):
+        raise ValueError(
+            f"labels must be a (B,) tensor of class indices in [0, {num_classes - 1}]"
+        )
+
+
 class ClassConditionalPrior(nn.Module):
     """Glow's class-conditional prior for the top latent (arXiv:1807.03039, section 5, "ycond"):
     ``z_top ~ N(mu_y, sigma_y^2)`` with a mean and log-scale per channel from a zero-initialised
@@ -37,13 +47,7 @@ class ClassConditionalPrior(nn.Module):
         nn.init.zeros_(self.embed.weight)
 
     def check_labels(self, y: Tensor) -> None:
-        """Raise unless `y` is a (B,) tensor of class indices in range (reads them on the host:
-        done once by callers that validate, not in every training step)."""
-        y = torch.as_tensor(y)
-        if y.dim() != 1 or (y.numel() and (y.min() < 0 or y.max() >= self.num_classes)):
-            raise ValueError(
-                f"labels must be a (B,) tensor of class indices in [0, {self.num_classes - 1}]"
-            )
+        check_class_labels(y, self.num_classes)
 
     def _params(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y = torch.as_tensor(y, device=self.embed.weight.device).long()
@@ -260,7 +264,7 @@ class ImageFlow(nn.Module):
                 f"{tuple(labels.shape)}"
             )
         if values:
-            self.class_prior.check_labels(labels)
+            check_class_labels(labels, self.num_classes)
 
     def transform(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images in [0, 1] -> (eps of shape (B, D), log|det d eps / dx| of shape (B,)).
