@@ -158,6 +158,19 @@ class FlowPPSchema(ModelSchema):
     alpha: float = 0.05
 
 
+@dataclass
+class ResFlowSchema(ModelSchema):
+    blocks: list[int] = field(default_factory=lambda: [4, 4])  # residual blocks per scale
+    hidden: int = 32
+    lipschitz: float = 0.98
+    factor_out: bool = False
+    actnorm: bool = True
+    fc_blocks: int = 2
+    fc_hidden: int = 64
+    alpha: float = 0.05
+    block: Any = MISSING  # the residual block (catalogue layer `resflow`, partial)
+
+
 # -------------------------------------------------------------------------------------- dequant
 
 
@@ -260,6 +273,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "nice": NICESchema,
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
+        "resflow": ResFlowSchema,
     },
     "dequant": {"uniform": UniformSchema, "variational": VariationalSchema},
     "optim": {"optim": OptimSchema},

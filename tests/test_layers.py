@@ -103,6 +103,9 @@ CATALOGUE_OVERRIDES = {
     # The ODE solver's tolerance; the exact trace costs D backward passes per evaluation, so
     # the ODE layer is checked on a smaller input.
     "ffjord": {"hidden": 4, "rtol": 1e-7, "atol": 1e-7},
+    # Residual flow: the brute-force log-det (the estimators have their own tests below) and a
+    # fixed-point tolerance below the float64 check's.
+    "resflow": {"hidden": 8, "logdet": "exact", "tol": 1e-12},
 }
 SHAPES = {"ffjord": (2, 2, 2)}
 # Layers exact only to a stated tolerance: (float64 inverse, float32 inverse, log-det).
