@@ -40,9 +40,10 @@ def _strong_block(shape=(2, 2, 2), seed=0, **kwargs) -> ResidualBlock:
 
 def _brute_force_logdet(block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
     out = []
+    shape = x.shape[1:]
     for xi in x:
         jac = torch.autograd.functional.jacobian(
-            lambda v: block(v.view(1, *xi.shape))[0].reshape(-1), xi.reshape(-1)
+            lambda v: block(v.view(1, *shape))[0].reshape(-1), xi.reshape(-1)
         )
         sign, logdet = torch.linalg.slogdet(jac)
         assert sign > 0
