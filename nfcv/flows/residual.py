@@ -88,7 +88,7 @@ class SpectralNormConv2d(nn.Module):
         kernel_size: int,
         spatial: Sequence[int],
         lipschitz: float,
-        init_power_iterations: int = 30,
+        init_power_iterations: int = 10,
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -185,7 +185,7 @@ class ResidualBlock(Bijector):
         eval_seed: int = 0,
         power_iterations: int = 5,
         eval_power_iterations: int = 20,
-        init_power_iterations: int = 30,
+        init_power_iterations: int = 10,
         tol: float = 1e-5,
         max_iter: int = 1000,
     ):
