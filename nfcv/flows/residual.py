@@ -10,7 +10,8 @@ activations are LipSwish (Lipschitz 1), so Lip(g) <= lipschitz ** (number of con
   with sigma the operator norm of the convolution itself on the block's (H, W) inputs (zero
   padding), estimated by power iteration with ``conv2d`` and its adjoint ``conv_transpose2d`` on
   one image: the norm of the reshaped ``(C_out, C_in k k)`` weight matrix neither bounds nor
-  equals it for k > 1. The iteration vectors are buffers, warm-started: `power_iterations` steps
+  equals it for k > 1. The iteration vectors are buffers, warm-started: `init_power_iterations`
+  steps at the first use (stored; not after loading a state dict), then `power_iterations` steps
   per training forward (stored), `eval_power_iterations` steps from the stored vectors in
   evaluation (not stored, so evaluation changes nothing). sigma is the Rayleigh quotient
   ``u^T A v``, differentiated through the weight (Miyato et al. 2018). 1x1 convolutions (and the
@@ -108,8 +109,16 @@ class SpectralNormConv2d(nn.Module):
         out_shape = (out_channels,) if kernel_size == 1 else (out_channels, *self.spatial)
         self.register_buffer("u", _unit(torch.randn(out_shape)))
         self.register_buffer("v", _unit(torch.randn(in_shape)))
-        with torch.no_grad():
-            self._iterate(self.weight, self.u, self.v, init_power_iterations, store=True)
+        # The first use runs `init_power_iterations` (stored) from the random start, unless the
+        # vectors came from a state dict: building a model (a 25M-parameter one too) stays
+        # cheap, and the flag is Python state, so no step reads it back from the device.
+        self.init_power_iterations = int(init_power_iterations)
+        self._pending_init = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "u" in state_dict and prefix + "v" in state_dict:
+            self._pending_init = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _op(self, weight: Tensor, v: Tensor) -> Tensor:
         """The operator A: v (input space) -> A v (output space)."""
@@ -137,6 +146,10 @@ class SpectralNormConv2d(nn.Module):
         """The estimate ``u^T A v`` of the operator norm after `iterations` power iterations from
         the stored vectors (stored back when `store`); differentiable in the weight."""
         with torch.no_grad():
+            if self._pending_init:
+                weight = self.weight.detach()
+                self._iterate(weight, self.u, self.v, self.init_power_iterations, store=True)
+                self._pending_init = False
             u, v = self._iterate(self.weight.detach(), self.u, self.v, iterations, store)
         return (u * self._op(self.weight, v)).sum()
 
