@@ -172,6 +172,19 @@ class TarFlowSchema(ModelSchema):
     block: Any = MISSING  # the catalogue layer tarflow_block (`_target_` block, partial)
 
 
+@dataclass
+class ResFlowSchema(ModelSchema):
+    blocks: list[int] = field(default_factory=lambda: [4, 4])  # residual blocks per scale
+    hidden: int = 32
+    lipschitz: float = 0.98
+    factor_out: bool = False
+    actnorm: bool = True
+    fc_blocks: int = 2
+    fc_hidden: int = 64
+    alpha: float = 0.05
+    block: Any = MISSING  # the residual block (catalogue layer `resflow`, partial)
+
+
 # -------------------------------------------------------------------------------------- dequant
 
 
@@ -281,6 +294,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
         "tarflow": TarFlowSchema,
+        "resflow": ResFlowSchema,
     },
     "dequant": {
         "uniform": UniformSchema,

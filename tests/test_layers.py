@@ -111,6 +111,9 @@ CATALOGUE_OVERRIDES = {
     # the ODE layer is checked on a smaller input.
     "ffjord": {"hidden": 4, "rtol": 1e-7, "atol": 1e-7},
     "tarflow_block": {"width": 8, "head_dim": 4, "layers": 2},
+    # Residual flow: the brute-force log-det (the estimators have their own tests below) and a
+    # fixed-point tolerance below the float64 check's.
+    "resflow": {"hidden": 8, "logdet": "exact", "tol": 1e-12},
 }
 # Token layers take (N, D): N tokens of D values.
 SHAPES = {"ffjord": (2, 2, 2), "tarflow_block": (5, 3)}

@@ -30,6 +30,7 @@ from nfcv.flows.nets import MLP, FlowppNet, GlowNet, ResNetNet, ZeroConv2d
 from nfcv.flows.patch import Patchify
 from nfcv.flows.permute import ChannelPermutation
 from nfcv.flows.presets import NICE, FlowPP, RealNVP, VectorAdditiveCoupling, VectorScale
+from nfcv.flows.residual import LipSwish, ResidualBlock, ResidualFlow, SpectralNormConv2d
 from nfcv.flows.tarflow import TarFlow, TarFlowBlock, TarFlowNet
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "InvConv1x1",
     "InvConv1x1LU",
     "LearnedPrior",
+    "LipSwish",
     "Levels",
     "LogisticToNormal",
     "Logit",
@@ -66,9 +68,12 @@ __all__ = [
     "PeriodicConv",
     "RealNVP",
     "ResNetNet",
+    "ResidualBlock",
+    "ResidualFlow",
     "Sequential",
     "Shift",
     "Sigmoid",
+    "SpectralNormConv2d",
     "SplineCoupling",
     "SplitPrior",
     "Squeeze",
