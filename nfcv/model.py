@@ -311,7 +311,7 @@ class ImageFlow(nn.Module):
         blocks = torch.split(eps, self.latent_sizes, dim=1)
         out = [standard_normal_log_prob(b) for b in blocks[:-1]]
         if self.class_prior is None:
-            self._check_labels(labels, eps.shape[0])
+            self._check_labels(labels, eps.shape[0], values=False)  # values: at the entry points
             if self.labels_in_flow and labels is None:
                 raise ValueError(
                     "this model is class-conditional (its densities are p(x | y)): pass the labels"

@@ -109,6 +109,12 @@ PRESETS = {
     "flowpp_variational": [*FLOWPP, *VARIATIONAL],
     "maf": ["model=maf", "model.hidden=4", "model.steps=1"],
     "hint": ["model=hint", "model.hidden=4", "model.steps=1"],
+    "tarflow": ["model=tarflow", "model.width=16", "model.head_dim=8", "model.blocks=2"],
+    "tarflow_conditional": [
+        *["model=tarflow", "model.width=16", "model.head_dim=8", "model.blocks=2"],
+        *["model.conditional=true", "model.num_classes=10"],
+    ],
+    "resflow": ["model=resflow", "model.blocks=[1,1]", "model.hidden=8", "model.fc_blocks=1"],
     **{f"glow_{c}": [*GLOW, f"model.coupling={c}"] for c in ("spline", "naf", "mixlogcdf")},
     **{f"glow_{p}": [*GLOW, f"model.permutation={p}"] for p in ("plain", "emerging", "periodic")},
 }
