@@ -650,3 +650,34 @@ def test_patchify_layout_and_errors():
     assert torch.equal(z[0, 4], expected)
     with pytest.raises(ValueError, match="does not divide the image size 5x6"):
         nfcv.build_layer("patchify", (2, 5, 6))
+
+
+@pytest.mark.parametrize("mean_gains", [True, False])
+def test_mixlogcdf_components_separate_in_training_only_with_mean_gains(mean_gains):
+    """Flow++'s coupling starts as K identical standard logistics. Without per-component gains
+    they get identical gradients and stay one logistic (the defect of checkpoints saved before
+    `mean_gains`, kept for them); with the gains (every config) they separate."""
+    torch.manual_seed(0)
+    layer = MixLogCDFCoupling(4, NET, 3, mean_gains=mean_gains)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 4, 3, 3) * 2
+    for _ in range(5):
+        z, logdet = layer(x)
+        loss = (0.5 * z**2).sum() - logdet.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    p = layer._params(x[:, :2], None)
+    groups = (p[..., :3], p[..., 3:6] * layer.component_gains, p[..., 6:9])
+    spreads = [float((g.max(-1).values - g.min(-1).values).abs().max()) for g in groups]
+    if mean_gains:
+        assert min(spreads) > 1e-3, spreads
+    else:
+        assert max(spreads) == 0.0, spreads
+
+
+def test_the_configs_turn_mean_gains_on():
+    assert nfcv.build_layer("mixlogcdf_coupling", (4, 4, 4)).mean_gains
+    model = nfcv.build_model(nfcv.compose(["model=flowpp", "dequant=variational"]))
+    couplings = [m for m in model.modules() if isinstance(m, MixLogCDFCoupling)]
+    assert couplings and all(m.mean_gains for m in couplings)

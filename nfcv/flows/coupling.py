@@ -217,6 +217,13 @@ class MixLogCDFCoupling(Coupling):
     The inverse solves the mixture CDF by bisection to `tol` (no gradient flows through that
     root). With zero network outputs every component is the standard logistic, whose CDF's logit
     is the identity.
+
+    From there the components would never separate: identical components get identical
+    gradients, so the mixture stays one logistic (measured: the means' spread stays exactly 0
+    through training). With `mean_gains` each component's mean is the network output times a
+    fixed gain from 0.5 to 1.5, as NAF's offsets (`NAFCoupling`): still the identity at the
+    start, distinct components after the first step. The configs set it; False (the class
+    default) is the behaviour of checkpoints saved before it existed, which keep their function.
     """
 
     def __init__(
@@ -228,6 +235,7 @@ class MixLogCDFCoupling(Coupling):
         mask: str = "channel",
         parity: int = 0,
         net_kwargs: dict | None = None,
+        mean_gains: bool = False,
     ):
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
@@ -235,10 +243,14 @@ class MixLogCDFCoupling(Coupling):
         self.num_components = num_components
         self.tol = tol
         super().__init__(num_channels, net, mask, parity, net_kwargs)
+        k = num_components
+        gains = torch.linspace(0.5, 1.5, k) if mean_gains and k > 1 else torch.ones(k)
+        self.mean_gains = bool(mean_gains)
+        self.register_buffer("component_gains", gains, persistent=False)
 
     def _elementwise(self, v, p, inverse):
         k = self.num_components
-        logits, means = p[..., :k], p[..., k : 2 * k]
+        logits, means = p[..., :k], p[..., k : 2 * k] * self.component_gains.to(p.dtype)
         log_scales = p[..., 2 * k : 3 * k].clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
         a, b = torch.tanh(p[..., 3 * k]), p[..., 3 * k + 1]
         if not inverse:
