@@ -153,3 +153,21 @@ def test_benchmark_rejects_unknown_names():
     assert proc.returncode == 2 and "unknown size 'huge'" in proc.stderr
     proc = bench_cli("--repeats", "1")
     assert proc.returncode == 2 and "--repeats must be at least 2" in proc.stderr
+
+
+def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_check.py (the prepared GPU script of issue 18) runs end to end on a CPU at a
+    tiny size and writes its rows: device, one training row per precision, the round trip."""
+    out = tmp_path / "gpu.json"
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--size", "tiny", "--steps", "1"]
+    done = subprocess.run(
+        [*cmd, "--no-compile", "--no-ddp", "--out", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["what"] for r in rows] == ["device", "train", "train", "round_trip_and_sampling"]
+    assert rows[0]["matmul_flops_fp32_ieee"] > 0
+    assert {r["dtype"] for r in rows[1:3]} == {"fp32", "bf16"}
+    assert all(r["images_per_second"] > 0 and r["flops_per_image"] > 0 for r in rows[1:3])
+    assert rows[3]["max_abs_round_trip_error_tf32_on"] < 1e-4
