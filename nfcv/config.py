@@ -116,6 +116,23 @@ class Rule:
     with_config: bool = False  # `ok` takes the whole config too (a rule that reads another key)
 
 
+def _patch_size(v: Any, cfg: DictConfig) -> bool:
+    """The transformer flows cut the image into p x p patches: p divides its height and width."""
+    shape = OmegaConf.select(cfg, "model.image_shape", default=None)
+    if not _whole(v) or v < 1:
+        return False
+    try:
+        _, h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        return True  # no usable image shape: its own rule reports it
+    return h % v == 0 and w % v == 0
+
+
+def _heads(v: Any, cfg: DictConfig) -> bool:
+    width = OmegaConf.select(cfg, "model.width", default=None)
+    return _whole(v) and v >= 1 and (not _whole(width) or width % v == 0)
+
+
 MAX_SEED = 2**32 - 1  # what numpy's and Lightning's seeding take
 
 VALUE_RULES: tuple[Rule, ...] = (
@@ -127,6 +144,19 @@ VALUE_RULES: tuple[Rule, ...] = (
     Rule("data.eval_batch_size", _integer(1), "an integer >= 1 (images per evaluation batch)"),
     Rule("data.num_workers", _integer(0), "an integer >= 0 (0: load in the main process)"),
     Rule("model.image_shape", _image_shape, "[channels, height, width], three integers >= 1"),
+    Rule(
+        "model.patch_size",
+        _patch_size,
+        "an integer >= 1 that divides the image's height and width (model.image_shape)",
+        with_config=True,
+    ),
+    Rule(
+        "model.heads",
+        _heads,
+        "an integer >= 1 that divides model.width (each attention head takes width / heads "
+        "channels)",
+        with_config=True,
+    ),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),
     Rule("optim.warmup_steps", _integer(0), "an integer >= 0 (0: no warmup)"),
     Rule("trainer.max_steps", _integer(1), "an integer >= 1 (optimizer steps of the run)"),

@@ -158,6 +158,23 @@ class FlowPPSchema(ModelSchema):
     alpha: float = 0.05
 
 
+@dataclass
+class JetSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    patch_size: int = 2
+    couplings: int = 12
+    block_depth: int = 1
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    scale_factor: float = 2.0
+    kinds: list[str] = field(default_factory=lambda: ["channels", "channels", "spatial"])
+    spatial_splits: list[str] = field(default_factory=lambda: ["checkerboard", "checkerboard-inv"])
+    permutation_seed: int = 0
+    coupling: Any = MISSING  # the jet_coupling catalogue layer (`_target_` block, partial)
+
+
 # -------------------------------------------------------------------------------------- dequant
 
 
@@ -260,6 +277,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "nice": NICESchema,
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
+        "jet": JetSchema,
     },
     "dequant": {"uniform": UniformSchema, "variational": VariationalSchema},
     "optim": {"optim": OptimSchema},

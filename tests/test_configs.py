@@ -40,7 +40,8 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("option", _options("layer"))
 def test_every_layer_config_builds(option):
-    shape = (2, 2, 2) if option == "ffjord" else (4, 4, 4)
+    # Token layers take (N, D) tokens, what patchify outputs.
+    shape = {"ffjord": (2, 2, 2), "jet_coupling": (4, 6)}.get(option, (4, 4, 4))
     layer = nfcv.build_layer(option, shape)
     assert isinstance(layer, nfcv.flows.base.Bijector)
     assert option in nfcv.layer_names()

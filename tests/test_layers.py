@@ -80,6 +80,13 @@ def _flowpp(shape, scales=((0, 1), (1, 1)), factor_out=False):
     return flow
 
 
+def _jet_spatial(split, _):
+    layer = nfcv.build_layer(
+        "jet_coupling", (8, 4), split=split, grid=[2, 4], net={"width": 8, "heads": 2}
+    )
+    return _perturb(layer, 0.05)
+
+
 def _glow_step(c):
     return Sequential([_actnorm(c), InvConv1x1LU(c), AffineCoupling(c, NET)])
 
@@ -103,8 +110,10 @@ CATALOGUE_OVERRIDES = {
     # The ODE solver's tolerance; the exact trace costs D backward passes per evaluation, so
     # the ODE layer is checked on a smaller input.
     "ffjord": {"hidden": 4, "rtol": 1e-7, "atol": 1e-7},
+    "jet_coupling": {"net": {"width": 8, "heads": 2}},
 }
-SHAPES = {"ffjord": (2, 2, 2)}
+# Token layers take (N, D): 4 tokens (a 2x2 grid) of 6 values.
+SHAPES = {"ffjord": (2, 2, 2), "jet_coupling": (4, 6)}
 # Layers exact only to a stated tolerance: (float64 inverse, float32 inverse, log-det).
 TOLERANCES = {"ffjord": (1e-5, 1e-3, 1e-6)}
 EXACT = (1e-10, 1e-4, 1e-8)
@@ -198,6 +207,15 @@ LAYERS.update(
             (1, 4, 4),
         ),
         "flowpp": (lambda c: _perturb(_flowpp((2, 4, 4)), 0.05), (2, 4, 4)),
+        # The Jet coupling's spatial splits (the catalogue's entry is the channel split), on a
+        # 2x4 grid of tokens, where the stripes and the checkerboard are different patterns.
+        **{
+            f"jet_coupling_{split}": (
+                functools.partial(_jet_spatial, split),
+                (8, 4),
+            )
+            for split in ("checkerboard", "vstripes-inv", "hstripes")
+        },
         "flowpp_factor_out": (
             lambda c: _perturb(_flowpp((2, 4, 4), scales=[[0, 1], [1, 1]], factor_out=True), 0.05),
             (2, 4, 4),

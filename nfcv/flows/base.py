@@ -11,6 +11,7 @@ does not condition on anything ignores it, so any layer can sit in a conditional
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -134,4 +135,4 @@ class Flatten(Bijector):
     def output_shape(self, shape: Shape) -> Shape:
         if tuple(shape) != self.shape:
             raise ValueError(f"Flatten expects inputs of shape {self.shape}, got {tuple(shape)}")
-        return (int(torch.tensor(shape).prod()),)
+        return (math.prod(int(s) for s in shape),)
