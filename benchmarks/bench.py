@@ -58,7 +58,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"data": "digits", "shape": [1, 8, 8], "width": 8, "K": 2, "L": 2, "batch": 4},
     "paper": {"data": "cifar10", "shape": [3, 32, 32], "width": 512, "K": 8, "L": 3, "batch": 16},
 }
-PRESETS = ("glow", "realnvp", "nice", "flowpp")
+PRESETS = ("glow", "realnvp", "nice", "flowpp", "jet")
 SAMPLE_N = 64
 
 
@@ -69,6 +69,8 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
     the ResNets, scales = L; its steps per scale are the paper's (3 checkerboard + 3 channel),
     2 residual blocks per network. NICE: units of the MLPs, K couplings (it has no levels).
     Flow++: filters, the CIFAR-10 scales of the authors' code, 2 blocks, 4 components.
+    Jet: ViT width, K x L couplings of one block each, patch 4 (2 on images of 8 rows or fewer;
+    channel-wise splits only where the grid of patches is odd, as experiment/jet_fashion_mnist).
     """
     w, k, levels = size["width"], size["K"], size["L"]
     if preset == "glow":
@@ -84,6 +86,12 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
         return [f"model.hidden={w}", f"model.couplings={k}"]
     if preset == "flowpp":
         return [f"model.hidden={w}", "model.blocks=2", "model.components=4"]
+    if preset == "jet":
+        side = size["shape"][1]
+        patch = 2 if side <= 8 else 4
+        kinds = ["model.kinds=[channels]"] if (side // patch) % 2 else []
+        sizes = [f"model.width={w}", f"model.couplings={k * levels}", f"model.patch_size={patch}"]
+        return sizes + kinds
     raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
 
 
