@@ -87,6 +87,14 @@ def test_pass_through_half_is_bit_exact_and_the_rest_moves(split):
         assert not torch.isclose(y[:, idx2], x[:, idx2]).any()
 
 
+def test_token_counts_that_are_no_square_need_a_grid_only_for_spatial_splits():
+    assert nfcv.build_layer("jet_coupling", (6, 4)).output_shape((6, 4)) == (6, 4)
+    with pytest.raises(ValueError, match="not a square grid"):
+        nfcv.build_layer("jet_coupling", (6, 4), split="vstripes")
+    with pytest.raises(ValueError, match="tokens of an even number"):
+        nfcv.build_layer("jet_coupling", (4, 5))
+
+
 def test_channel_permutation_is_fixed_by_the_seed_and_differs_between_seeds():
     a, b, c = (_coupling("channels", dim=16, seed=s).order for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)

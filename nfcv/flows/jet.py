@@ -212,14 +212,14 @@ class JetCoupling(Bijector):
         self.num_tokens, self.dim = int(num_tokens), int(dim)
         self.split = split
         self.scale_factor = float(scale_factor)
-        if grid is None:
+        if grid is None:  # the channel split does not need the grid; a spatial one does
             side = math.isqrt(self.num_tokens)
-            if side * side != self.num_tokens:
+            if side * side != self.num_tokens and split != "channels":
                 raise ValueError(
                     f"{self.num_tokens} tokens are not a square grid: give the coupling the grid "
                     "of patches (grid=[rows, columns])"
                 )
-            grid = (side, side)
+            grid = (side, side) if side * side == self.num_tokens else (1, self.num_tokens)
         self.grid = tuple(int(g) for g in grid)
         if self.grid[0] * self.grid[1] != self.num_tokens:
             raise ValueError(f"a {self.grid} grid does not hold {self.num_tokens} tokens")
