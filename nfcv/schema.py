@@ -162,9 +162,9 @@ class FlowPPSchema(ModelSchema):
 class JetSchema(ModelSchema):
     checkpoint_grads: bool = False
     patch_size: int = 2
-    couplings: int = 12
+    couplings: int = 24
     block_depth: int = 1
-    width: int = 64
+    width: int = 32
     heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0

@@ -225,6 +225,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     [
         (["model.patch_size=3"], r"model.patch_size=3: must be .* divides the image's height"),
         (["model.width=10", "model.heads=4"], r"model.heads=4: must be .* divides model.width"),
+        (
+            ["model.kinds=[channels,spatial]", "model.patch_size=4", "data=fashion_mnist"],
+            r'model.spatial_splits=\["checkerboard","checkerboard-inv"\]: must be .* equal halves',
+        ),
+        (["model.spatial_splits=[zigzag]"], r'model.spatial_splits=\["zigzag"\]: must be'),
     ],
 )
 def test_bad_sizes_fail_when_the_config_is_composed(overrides, match):
@@ -235,15 +240,19 @@ def test_bad_sizes_fail_when_the_config_is_composed(overrides, match):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["model.kinds=[channels,spatial]", "model.patch_size=4", "data=fashion_mnist"],
-         "does not cut a 7x7 grid"),
-        (["model.kinds=[diagonal]"], "kinds must be"),
-        (["model.spatial_splits=[zigzag]"], "spatial_splits must list"),
+        ({"kinds": ["channels", "spatial"], "patch_size": 4}, "does not cut a 7x7 grid"),
+        ({"kinds": ["diagonal"]}, "kinds must be"),
+        ({"spatial_splits": ["zigzag"]}, "spatial_splits must list"),
     ],
-)  # fmt: skip
+)
 def test_bad_layouts_fail_when_the_model_is_built(overrides, match):
+    """What the value rules catch when composing, the model catches again when it is built
+    (a config edited after composing, or a checkpoint's)."""
+    cfg = nfcv.compose([*TINY, "data=fashion_mnist"])
+    for key, value in overrides.items():
+        cfg.model[key] = value
     with pytest.raises(ConfigError, match=f"cannot build model 'jet': .*{match}"):
-        nfcv.build_model(nfcv.compose([*TINY, *overrides]))
+        nfcv.build_model(cfg)
 
 
 def test_bad_patch_size_stops_training_before_the_run_folder(tmp_path):
