@@ -58,7 +58,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"data": "digits", "shape": [1, 8, 8], "width": 8, "K": 2, "L": 2, "batch": 4},
     "paper": {"data": "cifar10", "shape": [3, 32, 32], "width": 512, "K": 8, "L": 3, "batch": 16},
 }
-PRESETS = ("glow", "realnvp", "nice", "flowpp", "tarflow")
+PRESETS = ("glow", "realnvp", "nice", "flowpp", "tarflow", "jet")
 SAMPLE_N = 64
 
 
@@ -71,6 +71,8 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
     Flow++: filters, the CIFAR-10 scales of the authors' code, 2 blocks, 4 components.
     TarFlow: the transformers' width, K blocks of 2 layers, heads of 32 channels (fewer when the
     width is smaller), patch 4 on 28x28 and larger images (Fashion-MNIST: 49 tokens), else 2.
+    Jet: ViT width, K x L couplings of one block each, patch 4 (2 on images of 8 rows or fewer;
+    channel-wise splits only where the grid of patches is odd, as experiment/jet_fashion_mnist).
     """
     w, k, levels = size["width"], size["K"], size["L"]
     if preset == "glow":
@@ -95,6 +97,12 @@ def preset_overrides(preset: str, size: dict[str, Any]) -> list[str]:
             "model.layers=2",
             f"model.patch_size={patch}",
         ]
+    if preset == "jet":
+        side = size["shape"][1]
+        patch = 2 if side <= 8 else 4
+        kinds = ["model.kinds=[channels]"] if (side // patch) % 2 else []
+        sizes = [f"model.width={w}", f"model.couplings={k * levels}", f"model.patch_size={patch}"]
+        return sizes + kinds
     raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
 
 

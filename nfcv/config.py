@@ -126,7 +126,8 @@ def _patch_size(v: Any, cfg: DictConfig) -> bool:
     return h % v == 0 and w % v == 0
 
 
-def _head_dim(v: Any, cfg: DictConfig) -> bool:
+def _divides_width(v: Any, cfg: DictConfig) -> bool:
+    """A head size (TarFlow's head_dim) or head count (Jet's heads) that divides model.width."""
     width = OmegaConf.select(cfg, "model.width", default=None)
     return _whole(v) and v >= 1 and (not _whole(width) or width % v == 0)
 
@@ -137,6 +138,30 @@ class Rule:
     ok: Callable[[Any], bool] | Callable[[Any, DictConfig], bool]
     allowed: str  # completes "must be ..."
     with_config: bool = False  # `ok` takes the whole config too (a rule that reads another key)
+
+
+def _spatial_splits(v: Any, cfg: DictConfig) -> bool:
+    """Jet's spatial patterns must halve the grid of patch tokens (when `model.kinds` has
+    spatial couplings)."""
+    from nfcv.flows.jet import spatial_halves
+
+    kinds = OmegaConf.select(cfg, "model.kinds", default=None)
+    p = OmegaConf.select(cfg, "model.patch_size", default=None)
+    shape = OmegaConf.select(cfg, "model.image_shape", default=None)
+    if not isinstance(v, list) or "spatial" not in list(kinds or []):
+        return True  # no spatial couplings; the types are the schema's to check
+    if not v:
+        return False
+    if isinstance(shape, ListConfig):
+        shape = OmegaConf.to_container(shape, resolve=True)
+    if not (_whole(p) and p >= 1 and _image_shape(shape)):
+        return True  # reported by their own rules
+    try:
+        for split in v:
+            spatial_halves(str(split), (shape[1] // p, shape[2] // p))
+    except ValueError:
+        return False
+    return True
 
 
 MAX_SEED = 2**32 - 1  # what numpy's and Lightning's seeding take
@@ -176,8 +201,23 @@ VALUE_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "model.head_dim",
-        _head_dim,
+        _divides_width,
         "an integer >= 1 that divides model.width (the width is split into heads of head_dim)",
+        with_config=True,
+    ),
+    Rule(
+        "model.heads",
+        _divides_width,
+        "an integer >= 1 that divides model.width (each attention head takes width / heads "
+        "channels)",
+        with_config=True,
+    ),
+    Rule(
+        "model.spatial_splits",
+        _spatial_splits,
+        "patterns of checkerboard | vstripes | hstripes (each may end in -inv) that cut the "
+        "grid of patch tokens into equal halves (an even number of tokens per row and column), "
+        "or model.kinds=[channels] for no spatial couplings",
         with_config=True,
     ),
     Rule("optim.optimizer.lr", _number(0, lo_open=True), "a number > 0"),

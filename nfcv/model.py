@@ -29,6 +29,17 @@ def check_class_labels(y: Tensor, num_classes: int) -> None:
         )
 
 
+def _coupling_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers with a coupling network `net` that gradient checkpointing and compile act on:
+    the image couplings, Jet's token couplings and TarFlow's blocks."""
+    from nfcv.flows.coupling import Coupling
+    from nfcv.flows.jet import JetCoupling
+    from nfcv.flows.tarflow import TarFlowBlock
+
+    kinds = (Coupling, JetCoupling, TarFlowBlock)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
 class ClassConditionalPrior(nn.Module):
     """Glow's class-conditional prior for the top latent (arXiv:1807.03039, section 5, "ycond"):
     ``z_top ~ N(mu_y, sigma_y^2)`` with a mean and log-scale per channel from a zero-initialised
@@ -175,10 +186,7 @@ class ImageFlow(nn.Module):
         which cuts training memory for about one more forward pass of the networks. Batch norm
         (RealNVP's networks) sees each batch twice in training, so its running statistics move
         twice as fast. Returns the number of networks affected."""
-        from nfcv.flows.coupling import Coupling
-        from nfcv.flows.tarflow import TarFlowBlock
-
-        layers = [m for m in self.modules() if isinstance(m, Coupling | TarFlowBlock)]
+        layers = _coupling_layers(self)
         for layer in layers:
             layer.checkpoint_grads = bool(enabled)
         return len(layers)
@@ -187,10 +195,7 @@ class ImageFlow(nn.Module):
         """`torch.compile` every coupling network in place (`nn.Module.compile`, so parameter
         names and checkpoints are unchanged); keyword arguments go to `torch.compile`. Returns
         the number of networks compiled."""
-        from nfcv.flows.coupling import Coupling
-        from nfcv.flows.tarflow import TarFlowBlock
-
-        layers = [m for m in self.modules() if isinstance(m, Coupling | TarFlowBlock)]
+        layers = _coupling_layers(self)
         for layer in layers:
             layer.net.compile(**kwargs)
         return len(layers)

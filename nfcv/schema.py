@@ -185,6 +185,23 @@ class ResFlowSchema(ModelSchema):
     block: Any = MISSING  # the residual block (catalogue layer `resflow`, partial)
 
 
+@dataclass
+class JetSchema(ModelSchema):
+    checkpoint_grads: bool = False
+    patch_size: int = 2
+    couplings: int = 24
+    block_depth: int = 1
+    width: int = 32
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    scale_factor: float = 2.0
+    kinds: list[str] = field(default_factory=lambda: ["channels", "channels", "spatial"])
+    spatial_splits: list[str] = field(default_factory=lambda: ["checkerboard", "checkerboard-inv"])
+    permutation_seed: int = 0
+    coupling: Any = MISSING  # the jet_coupling catalogue layer (`_target_` block, partial)
+
+
 # -------------------------------------------------------------------------------------- dequant
 
 
@@ -293,6 +310,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "nice": NICESchema,
         "realnvp": RealNVPSchema,
         "flowpp": FlowPPSchema,
+        "jet": JetSchema,
         "tarflow": TarFlowSchema,
         "resflow": ResFlowSchema,
     },

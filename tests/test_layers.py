@@ -87,6 +87,13 @@ def _tarflow(shape):
     return TarFlow(shape, patch_size=2, num_blocks=2, block=block)
 
 
+def _jet_spatial(split, _):
+    layer = nfcv.build_layer(
+        "jet_coupling", (8, 4), split=split, grid=[2, 4], net={"width": 8, "heads": 2}
+    )
+    return _perturb(layer, 0.05)
+
+
 def _glow_step(c):
     return Sequential([_actnorm(c), InvConv1x1LU(c), AffineCoupling(c, NET)])
 
@@ -114,9 +121,10 @@ CATALOGUE_OVERRIDES = {
     # Residual flow: the brute-force log-det (the estimators have their own tests below) and a
     # fixed-point tolerance below the float64 check's.
     "resflow": {"hidden": 8, "logdet": "exact", "tol": 1e-12},
+    "jet_coupling": {"net": {"width": 8, "heads": 2}},
 }
 # Token layers take (N, D): N tokens of D values.
-SHAPES = {"ffjord": (2, 2, 2), "tarflow_block": (5, 3)}
+SHAPES = {"ffjord": (2, 2, 2), "tarflow_block": (5, 3), "jet_coupling": (4, 6)}
 # Layers exact only to a stated tolerance: (float64 inverse, float32 inverse, log-det).
 TOLERANCES = {"ffjord": (1e-5, 1e-3, 1e-6)}
 EXACT = (1e-10, 1e-4, 1e-8)
@@ -219,6 +227,15 @@ LAYERS.update(
             (4, 3),
         ),
         "tarflow": (lambda c: _perturb(_tarflow((2, 4, 4)), 0.1), (2, 4, 4)),
+        # The Jet coupling's spatial splits (the catalogue's entry is the channel split), on a
+        # 2x4 grid of tokens, where the stripes and the checkerboard are different patterns.
+        **{
+            f"jet_coupling_{split}": (
+                functools.partial(_jet_spatial, split),
+                (8, 4),
+            )
+            for split in ("checkerboard", "vstripes-inv", "hstripes")
+        },
         "flowpp_factor_out": (
             lambda c: _perturb(_flowpp((2, 4, 4), scales=[[0, 1], [1, 1]], factor_out=True), 0.05),
             (2, 4, 4),

@@ -15,6 +15,7 @@ from nfcv.flows.coupling import (
 from nfcv.flows.elementwise import LogisticToNormal, Logit, Shift, Sigmoid
 from nfcv.flows.ffjord import FFJORD
 from nfcv.flows.hint import HINTCoupling
+from nfcv.flows.jet import Jet, JetCoupling, JetViT
 from nfcv.flows.linear import DiagAffine, EmergingConv, FullLinear, PeriodicConv
 from nfcv.flows.multiscale import (
     ColumnMerge,
@@ -53,6 +54,9 @@ __all__ = [
     "HINTCoupling",
     "InvConv1x1",
     "InvConv1x1LU",
+    "Jet",
+    "JetCoupling",
+    "JetViT",
     "LearnedPrior",
     "LipSwish",
     "Levels",
