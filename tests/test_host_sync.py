@@ -114,6 +114,7 @@ PRESETS = {
         *["model=tarflow", "model.width=16", "model.head_dim=8", "model.blocks=2"],
         *["model.conditional=true", "model.num_classes=10"],
     ],
+    "jet": ["model=jet", "model.couplings=3", "model.width=8", "model.heads=2"],
     "resflow": ["model=resflow", "model.blocks=[1,1]", "model.hidden=8", "model.fc_blocks=1"],
     **{f"glow_{c}": [*GLOW, f"model.coupling={c}"] for c in ("spline", "naf", "mixlogcdf")},
     **{f"glow_{p}": [*GLOW, f"model.permutation={p}"] for p in ("plain", "emerging", "periodic")},
