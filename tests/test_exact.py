@@ -127,7 +127,8 @@ def test_exact_ops_have_the_gradients_of_the_plain_ops(groups, padding, kernel):
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(4, 4 // groups, kernel, kernel, dtype=torch.float64, generator=gen)
     w.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: exact.conv2d(a, b, padding, groups), (x, w))
+    for op in (exact.conv2d, exact._conv2d_op):  # plain on this CPU, and the custom operator
+        assert torch.autograd.gradcheck(lambda a, b, op=op: op(a, b, padding, groups), (x, w))
     torch.testing.assert_close(
         exact.conv2d(x, w, padding, groups),
         torch.nn.functional.conv2d(x, w, padding=padding, groups=groups),
@@ -135,7 +136,9 @@ def test_exact_ops_have_the_gradients_of_the_plain_ops(groups, padding, kernel):
     a = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     b = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(exact.matmul, (a, b))
-    torch.library.opcheck(exact.conv2d, (x.detach().float(), w.detach().float(), padding, groups))
+    assert torch.autograd.gradcheck(exact._matmul_op, (a, b))
+    args = (x.detach().float(), w.detach().float(), padding, groups)
+    torch.library.opcheck(exact._conv2d_op, args)
 
 
 def _module(*overrides: str) -> FlowModule:

@@ -11,8 +11,9 @@ density is then that of a different map than the one inverted for sampling.
 `conv2d` and `matmul` here run their forward and backward with cuDNN, cuBLAS and oneDNN set to
 IEEE float32 (`full_precision`), and restore the settings after. They are `torch.library`
 custom operators, so ``torch.compile`` treats each as one opaque node instead of breaking its
-graph at the settings switch. Float64 inputs (the tests' brute-force checks) pass through as
-they are.
+graph at the settings switch; on a CPU whose oneDNN computes in IEEE anyway (its default) the
+plain operation runs instead, without the operator's dispatch cost. Float64 inputs (the tests'
+brute-force checks) pass through as they are.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _SETTINGS = (
     ("mkldnn.conv", torch.backends.mkldnn.conv),
     ("mkldnn.matmul", torch.backends.mkldnn.matmul),
 )
+
+
+_MKLDNN_CONV, _MKLDNN_MATMUL = torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul
 
 
 def precision_settings() -> dict[str, str]:
@@ -62,14 +66,39 @@ def _conv2d(x: Tensor, weight: Tensor, padding: int, groups: int) -> Tensor:
     return F.conv2d(x, weight, padding=padding, groups=groups)
 
 
-@torch.library.custom_op("nfcv::conv2d_fp32", mutates_args=())
+def _rounds(device: torch.device) -> bool:
+    """Whether float32 convolutions or products on `device` may run below IEEE precision now.
+    On a CPU only if the user set oneDNN to TF32 or bf16; on a GPU always (cuDNN's default is
+    TF32). Under torch.compile always (the settings are not readable in a graph)."""
+    if torch.compiler.is_compiling() or device.type != "cpu":
+        return True
+    ieee = ("none", "ieee")
+    return not all(b.fp32_precision in ieee for b in (_MKLDNN_CONV, _MKLDNN_MATMUL))
+
+
 def conv2d(x: Tensor, weight: Tensor, padding: int = 0, groups: int = 1) -> Tensor:
-    """``F.conv2d(x, weight, padding=padding, groups=groups)`` in full float32."""
+    """``F.conv2d(x, weight, padding=padding, groups=groups)`` in full float32: through the
+    custom operator where the backend could round, directly where it computes in IEEE anyway
+    (a CPU with oneDNN's default settings; the operator's dispatch costs ~50 us a call)."""
+    if _rounds(x.device):
+        return _conv2d_op(x, weight, padding, groups)
+    return _conv2d(x, weight, padding, groups)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (a: (..., n, k), b: (k, m)) in full float32 (see `conv2d`)."""
+    return _matmul_op(a, b) if _rounds(a.device) else _matmul(a, b)
+
+
+@torch.library.custom_op("nfcv::conv2d_fp32", mutates_args=())
+def _conv2d_op(x: Tensor, weight: Tensor, padding: int = 0, groups: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, padding=padding, groups=groups)`` with every backend in IEEE
+    float32 (`full_precision`)."""
     with full_precision():
         return _conv2d(x, weight, padding, groups).contiguous()
 
 
-@conv2d.register_fake
+@_conv2d_op.register_fake
 def _(x, weight, padding=0, groups=1):
     return F.conv2d(x, weight, padding=padding, groups=groups)
 
@@ -117,17 +146,17 @@ def _conv2d_grad(ctx, grad):
     return gx, gw, None, None
 
 
-conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
+_conv2d_op.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
 
 
 @torch.library.custom_op("nfcv::matmul_fp32", mutates_args=())
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (a: (..., n, k), b: (k, m)) in full float32."""
+def _matmul_op(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with every backend in IEEE float32 (`full_precision`)."""
     with full_precision():
         return _matmul(a, b).contiguous()
 
 
-@matmul.register_fake
+@_matmul_op.register_fake
 def _(a, b):
     return a @ b
 
@@ -138,9 +167,11 @@ def _matmul_setup(ctx, inputs, output) -> None:
 
 def _matmul_grad(ctx, grad):
     a, b = ctx.saved_tensors
-    grad_a = matmul(grad, b.T.contiguous())
-    grad_b = matmul(a.reshape(-1, a.shape[-1]).T.contiguous(), grad.reshape(-1, grad.shape[-1]))
+    grad_a = _matmul_op(grad, b.T.contiguous())
+    grad_b = _matmul_op(
+        a.reshape(-1, a.shape[-1]).T.contiguous(), grad.reshape(-1, grad.shape[-1])
+    )
     return grad_a, grad_b
 
 
-matmul.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+_matmul_op.register_autograd(_matmul_grad, setup_context=_matmul_setup)
