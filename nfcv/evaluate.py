@@ -63,7 +63,7 @@ def bits_per_dim_parts(
     `ImageFlow.log_weight_passes`, as `ImageFlow.bits_per_dim`'s do, so from the same random
     state both give the same total (up to float32 rounding).
     """
-    model.check_inputs(x_int, k, check)
+    model.check_inputs(x_int, k, check, labels)
     b = x_int.shape[0]
     to_bits = 1.0 / (model.dim * math.log(2))
     names = latent_names(model)

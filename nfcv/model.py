@@ -293,6 +293,8 @@ class ImageFlow(nn.Module):
         the result is then no longer the inverse."""
         if eps.dim() != 2 or eps.shape[1] != self.dim:
             raise ValueError(f"expected latents of shape (B, {self.dim}), got {tuple(eps.shape)}")
+        if labels is not None and self.num_classes:
+            check_class_labels(labels, self.num_classes)  # a TarFlow reads negatives as null
         if guidance is not None and getattr(guidance, "scale", 0) > 0:
             if not hasattr(self.flow, "label_conditional"):
                 raise ValueError(
@@ -506,6 +508,7 @@ class ImageFlow(nn.Module):
         `labels` for a class-conditional model. With Gaussian noise augmentation
         (`discrete_bound` False): ``log p(y)`` of the noised image, no bound.
         """
+        self._check_labels(labels, x_int.shape[0])
         ((_, parts),) = self.log_weight_passes(x_int, 1, labels)
         return parts.total()
 

@@ -26,7 +26,7 @@ echo "== benchmark: Glow on Fashion-MNIST, 600 steps"
   trainer.enable_progress_bar=false 2>&1 | grep -E "^nfcv:|img/s|wall"
 for args in "model=flowpp dequant=variational" "model=flowpp" "model=realnvp" "model=nice" \
   "model.coupling=spline" "model.coupling=naf" "model.permutation=emerging" \
-  "model=nice model.linear=full_linear" "model=tarflow" "model=tarflow model.conditional=true" \
+  "model=nice model.linear=full_linear" "model=tarflow" \
   "model=jet" "model=resflow" "dequant=gaussian"; do
   echo "== digits: nfcv-train $args"
   # shellcheck disable=SC2086

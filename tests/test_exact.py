@@ -139,6 +139,10 @@ def test_exact_ops_have_the_gradients_of_the_plain_ops(groups, padding, kernel):
     assert torch.autograd.gradcheck(exact._matmul_op, (a, b))
     args = (x.detach().float(), w.detach().float(), padding, groups)
     torch.library.opcheck(exact._conv2d_op, args)
+    channels_last = args[0].contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(
+        exact._conv2d_op, (channels_last, args[1].requires_grad_(True), *args[2:])
+    )
 
 
 def _module(*overrides: str) -> FlowModule:

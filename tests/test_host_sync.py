@@ -218,3 +218,25 @@ def test_a_lightning_training_step_reads_the_host_at_most_once(tmp_path, tiny, m
         reads = probe.per_step[s]
         assert len(reads) <= 1, f"step {s - 1}: {len(reads)} reads:\n" + "\n".join(reads)
     assert any(probe.per_step[s] for s in quiet), "the guard's one read was not seen"
+
+
+def test_labels_out_of_range_are_refused_where_they_enter():
+    """Label values are checked at the entry points (not in every training step): evaluation,
+    log_weights, and a TarFlow's sampling, which would read a negative label as its null class."""
+    from nfcv.evaluate import bits_per_dim_parts
+
+    x = torch.randint(0, 17, (3, 1, 8, 8))
+    bad = torch.tensor([0, 10, 3])
+    glow = nfcv.build_model(nfcv.compose(["data=digits", *PRESETS["glow_conditional"]]))
+    tarflow = nfcv.build_model(nfcv.compose(["data=digits", *PRESETS["tarflow_conditional"]]))
+    for model in (glow, tarflow):
+        for fn in (
+            lambda m: m.bits_per_dim(x, labels=bad),
+            lambda m: bits_per_dim_parts(m, x, labels=bad),
+            lambda m: m.log_weights(x, labels=bad),
+        ):
+            with pytest.raises(ValueError, match=r"class indices in \[0, 9\]"):
+                fn(model)
+    for label in (-1, 10):
+        with pytest.raises(ValueError, match=r"class indices in \[0, 9\]"):
+            tarflow.sample(2, label=label)

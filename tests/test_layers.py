@@ -698,3 +698,22 @@ def test_the_configs_turn_mean_gains_on():
     model = nfcv.build_model(nfcv.compose(["model=flowpp", "dequant=variational"]))
     couplings = [m for m in model.modules() if isinstance(m, MixLogCDFCoupling)]
     assert couplings and all(m.mean_gains for m in couplings)
+
+
+def test_a_mixlogcdf_state_dict_from_before_mean_gains_keeps_its_function():
+    """A checkpoint saved before `mean_gains` has no `component_gains`: it loads with gains of
+    1 (the function it was trained as), also into a model built with today's config (a resumed
+    run)."""
+    torch.manual_seed(0)
+    old = _perturb(MixLogCDFCoupling(4, NET, 3, mean_gains=False), 0.2)
+    state = {k: v for k, v in old.state_dict().items() if k != "component_gains"}
+    new = MixLogCDFCoupling(4, NET, 3, mean_gains=True)
+    new.load_state_dict(state)  # strict: the missing entry is filled in
+    assert not new.mean_gains and torch.equal(new.component_gains, torch.ones(3))
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(new(x)[0], old(x)[0])
+    gained = MixLogCDFCoupling(4, NET, 3, mean_gains=True)
+    assert "component_gains" in gained.state_dict()
+    reloaded = MixLogCDFCoupling(4, NET, 3)
+    reloaded.load_state_dict(gained.state_dict())
+    assert reloaded.mean_gains and torch.equal(reloaded.component_gains, gained.component_gains)

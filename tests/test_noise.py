@@ -342,3 +342,19 @@ def test_checkpoint_and_export_keep_the_noise_level(gaussian_run, tmp_path):
     torch.testing.assert_close(b.bits_per_dim(x), first)
     y = torch.rand(3, 1, 8, 8)
     torch.testing.assert_close(a.denoise(y), b.denoise(y))
+
+
+def test_denoise_refuses_interpolating_a_class_conditional_model():
+    """The path's images have a density only given a class: a clear error, before any work."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from nfcv.cli.sample import _denoise_sigma
+    from nfcv.errors import ConfigError
+
+    cfg = OmegaConf.create({"denoise": True, "denoise_sigma": None})
+    model = SimpleNamespace(num_classes=10, noise_std=0.05)
+    with pytest.raises(ConfigError, match="class-conditional"):
+        _denoise_sigma(cfg, model, "interpolate")
+    assert _denoise_sigma(cfg, model, "grid") == 0.05

@@ -264,3 +264,36 @@ def test_a_requeued_sweep_job_continues_from_its_folder(tmp_path):
     status = json.loads((tmp_path / "sweep" / "0" / "status.json").read_text())
     assert refused.returncode != 0 and status["status"] == "failed"
     assert "already holds a run" in status["error"]
+
+
+TRANSFORMER_AND_RESIDUAL = {
+    "tarflow": ["model=tarflow", "model.width=16", "model.head_dim=8", "model.blocks=2"],
+    "jet": ["model=jet", "model.couplings=3", "model.width=8", "model.heads=2"],
+    "resflow": ["model=resflow", "model.blocks=[1,1]", "model.hidden=8", "model.fc_blocks=1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_AND_RESIDUAL))
+def test_the_newer_presets_resume_exactly(tmp_path, name):
+    """TarFlow, Jet and the residual flow (whose Russian-roulette draws come from Python's
+    random state) resume mid-run to the weights and optimizer state of the uninterrupted run."""
+    from nfcv.training.run import train
+
+    base = {
+        "trainer.max_steps": "4",
+        "trainer.val_check_interval": "2",
+        "trainer.enable_progress_bar": "false",
+        "trainer.accelerator": "cpu",
+        "sample.every_n_steps": "100",
+        "sample.per_row": "2",
+        "data.batch_size": "16",
+        "optim.decay": "none",
+        "optim.warmup_steps": "2",
+    }
+    common = [*TRANSFORMER_AND_RESIDUAL[name], *[f"{k}={v}" for k, v in base.items()]]
+    whole = train(nfcv.compose(common), run_dir=tmp_path / "whole")
+    part = tmp_path / "part"
+    train(nfcv.compose([*common, "trainer.max_steps=2"]), run_dir=part)
+    resumed = train(nfcv.compose([*common, "resume=auto"]), run_dir=part)
+    assert resumed["steps"] == whole["steps"] == 4
+    _assert_same(_weights(Path(whole["last_ckpt"])), _weights(Path(resumed["last_ckpt"])))

@@ -118,6 +118,12 @@ def _denoise_sigma(cfg: DictConfig, model: ImageFlow, mode: str) -> float | None
             "denoise=true works on images the model generates (mode=grid, npz, interpolate); "
             "mode=reconstruct shows decode(encode(x)) of real images: drop denoise=true"
         )
+    if mode == "interpolate" and model.num_classes:
+        raise ConfigError(
+            "denoise=true with mode=interpolate needs the density of the path's images, which a "
+            "class-conditional model has only given a class: denoise grids (mode=grid label=...) "
+            "or interpolate without denoise=true"
+        )
     if sigma is None:
         if model.noise_std is None:
             raise ConfigError(

@@ -246,7 +246,18 @@ class MixLogCDFCoupling(Coupling):
         k = num_components
         gains = torch.linspace(0.5, 1.5, k) if mean_gains and k > 1 else torch.ones(k)
         self.mean_gains = bool(mean_gains)
-        self.register_buffer("component_gains", gains, persistent=False)
+        # Saved with the weights: a checkpoint from before `mean_gains` has no such entry and
+        # loads with gains of 1 (its function), whatever the config building the model says
+        # (a resumed run composes today's config).
+        self.register_buffer("component_gains", gains)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "component_gains"
+        if key not in state_dict:
+            state_dict[key] = torch.ones_like(self.component_gains)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.component_gains.is_meta:
+            self.mean_gains = bool((self.component_gains != 1).any())
 
     def _elementwise(self, v, p, inverse):
         k = self.num_components

@@ -100,7 +100,7 @@ def _conv2d_op(x: Tensor, weight: Tensor, padding: int = 0, groups: int = 1) -> 
 
 @_conv2d_op.register_fake
 def _(x, weight, padding=0, groups=1):
-    return F.conv2d(x, weight, padding=padding, groups=groups)
+    return F.conv2d(x, weight, padding=padding, groups=groups).contiguous()
 
 
 def _conv2d_grads(
@@ -131,7 +131,8 @@ def _conv2d_backward(
 
 @_conv2d_backward.register_fake
 def _(grad, x, weight, padding, groups):
-    return torch.empty_like(x), torch.empty_like(weight)
+    dense = torch.contiguous_format
+    return torch.empty_like(x, memory_format=dense), torch.empty_like(weight, memory_format=dense)
 
 
 def _conv2d_setup(ctx, inputs, output) -> None:

@@ -44,10 +44,6 @@ class _ActNormAct(nn.Module):
         return F.relu_(F.conv2d(x, weight, bias, padding=conv.padding))
 
 
-# Where GlowNet runs as convolutions on a CPU (bfloat16 autocast, or USE_GEMM off), networks up
-# to this width convolve channels-last: oneDNN's kernels for thin convolutions (2 -> 128,
-
-
 class GlowNet(nn.Module):
     """Glow's coupling network NN(): conv3x3 -> actnorm -> ReLU -> conv1x1 -> actnorm -> ReLU ->
     zero-init conv3x3 (arXiv:1807.03039, section 3.3 and appendix; convs carry no bias because
